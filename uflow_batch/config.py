@@ -1,0 +1,169 @@
+"""Configuration as frozen dataclasses, validated when built.
+
+Every knob that changes a model's behaviour lives here, so a model manifest can
+record the exact configuration it was trained with and a loader can rebuild it
+with no code paths or pickles. Values are checked in ``__post_init__`` so a bad
+value fails at the edge (CLI, job spec, manifest) with a message naming the
+field, never deep inside a training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
+    """Build a (possibly nested) config dataclass from plain JSON/YAML data.
+
+    Unknown keys are an error rather than silently ignored: a typo in a job
+    spec must not train a model with a default the user did not ask for.
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    _require(not unknown, f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(hints)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            kwargs[name] = from_dict(hint, value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # wrong types that dataclasses cannot coerce
+        raise ConfigError(f"{cls.__name__}: {exc}") from exc
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain JSON-ready dict (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which frozen feature extractor to use and at what input size.
+
+    ``weights`` is a local file for backbones whose weights are not shipped in a
+    package; without it the registry falls back to timm's hub (internet needed).
+    ``layers`` picks the stages of a convolutional backbone (timm
+    ``out_indices``, consecutive so each scale halves); None keeps the
+    backbone's default.
+    """
+
+    name: str = "lite0"
+    input_size: tuple[int, int] = (256, 256)
+    weights: str | None = None
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))
+            _require(
+                len(self.layers) >= 1 and list(self.layers) == sorted(set(self.layers)),
+                f"backbone.layers must be increasing stage indices, got {self.layers}",
+            )
+        _require(len(self.input_size) == 2, f"backbone.input_size must be (height, width), got {self.input_size}")
+        _require(
+            all(v >= 32 and v % 32 == 0 for v in self.input_size),
+            f"backbone.input_size must be multiples of 32 of at least 32, got {self.input_size}",
+        )
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """The U-shaped flow: Glow-style steps per scale, coupling clamp, kernels."""
+
+    steps_per_stage: int = 4
+    affine_clamp: float = 2.0
+    subnet_kernels: tuple[int, ...] = (3, 1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "subnet_kernels", tuple(int(k) for k in self.subnet_kernels))
+        _require(self.steps_per_stage >= 1, "flow.steps_per_stage must be >= 1")
+        _require(self.affine_clamp > 0, "flow.affine_clamp must be > 0")
+        _require(
+            len(self.subnet_kernels) >= 1 and all(k >= 1 and k % 2 == 1 for k in self.subnet_kernels),
+            f"flow.subnet_kernels must be odd sizes, got {self.subnet_kernels}",
+        )
+
+
+@dataclass(frozen=True)
+class NFAConfig:
+    """A-contrario detection: candidate level, block sizes and the threshold.
+
+    ``windows`` lists the block side per scale, finest scale first; only that
+    many (finest) scales take part in the test. ``epsilon`` is the expected
+    number of false detections per image tolerated under the normal model.
+    """
+
+    p: float = 0.9
+    windows: tuple[int, ...] = (5, 3)
+    epsilon: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "windows", tuple(int(w) for w in self.windows))
+        _require(0.0 < self.p < 1.0, f"nfa.p must be in (0, 1), got {self.p}")
+        _require(
+            len(self.windows) >= 1 and all(w >= 1 and w % 2 == 1 for w in self.windows),
+            f"nfa.windows must be odd block sizes, got {self.windows}",
+        )
+        _require(self.epsilon > 0, f"nfa.epsilon must be > 0, got {self.epsilon}")
+
+
+IMAGE_SCORES = ("anomaly_max", "nfa_max")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything that defines a trained detector's architecture and outputs."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    nfa: NFAConfig = field(default_factory=NFAConfig)
+    image_score: str = "anomaly_max"
+
+    def __post_init__(self) -> None:
+        _require(self.image_score in IMAGE_SCORES, f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one category's flow is fitted on cached backbone features."""
+
+    max_epochs: int = 200
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 3
+    val_fraction: float = 0.15
+    patience: int = 25
+    seed: int = 0
+    skip_corrupt: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.max_epochs >= 1, "train.max_epochs must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _require(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _require(self.warmup_epochs >= 0, "train.warmup_epochs must be >= 0")
+        _require(0.0 < self.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
+        _require(self.patience >= 1, "train.patience must be >= 1")

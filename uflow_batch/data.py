@@ -1,0 +1,160 @@
+"""Dataset layout discovery (MVTec AD style) and guarded image decoding.
+
+Layout of a category root::
+
+    <root>/<category>/train/good/*.png          normal images, the only training data
+    <root>/<category>/test/good/*.png           normal test images
+    <root>/<category>/test/<defect>/*.png       anomalous test images
+    <root>/<category>/ground_truth/<defect>/<stem>_mask.png
+
+Decoding turns whatever a camera or an archive produces (grayscale, RGBA,
+palette, 16-bit) into 8-bit RGB, and refuses what would hurt a worker (an
+image of more pixels than allowed is rejected from its header, before its
+pixels are decompressed). Every refusal is an :class:`ImageDecodeError` whose
+message says what is wrong with the file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.nn import functional as F
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this product can score; the message says why."""
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset root or category does not have the expected layout."""
+
+
+def is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> uint8 RGB array (height, width, 3)."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} ({width * height / 1e6:.1f} MP), over the {max_pixels / 1e6:.1f} MP limit"
+                )
+            image.load()
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"not a recognized image format ({len(data)} bytes, starts with {data[:8]!r})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"rejected as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+    if width == 0 or height == 0:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    return to_rgb8(image)
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> uint8 RGB. Alpha is dropped; high bit depths are scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "F":
+        gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def resize_to_model(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (H, W, 3) -> uint8 (3, h, w) at the model's input size (antialiased bilinear)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    if tuple(tensor.shape[-2:]) != tuple(size):
+        tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return tensor[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def load_mask(data: bytes) -> np.ndarray:
+    """A ground-truth mask (any non-zero pixel is defect) as bool (H, W)."""
+    image = Image.open(io.BytesIO(data))
+    return np.asarray(image.convert("L")) > 0
+
+
+# --- MVTec layout ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TestImage:
+    url: str
+    defect: str  # "good" for normal images
+    mask_url: str | None
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.defect != "good"
+
+
+def _image_urls(directory: str) -> list[str]:
+    fs, path = storage.filesystem(directory)
+    if not storage.with_retries(lambda: fs.isdir(path), f"stat {directory}"):
+        return []
+    names = storage.with_retries(lambda: fs.ls(path, detail=False), f"list {directory}")
+    return sorted(storage.full_url(fs, n) for n in names if is_image_name(n))
+
+
+def discover_categories(root: str) -> list[str]:
+    """Categories under ``root``: sub-directories that have ``train/good``."""
+    if not storage.exists(root):
+        raise DatasetLayoutError(f"dataset root {root} does not exist")
+    categories = [c for c in storage.list_dirs(root) if storage.exists(storage.join(root, c, "train", "good"))]
+    if not categories:
+        raise DatasetLayoutError(f"no category with train/good under {root} (expected MVTec AD layout)")
+    return categories
+
+
+def train_images(root: str, category: str) -> list[str]:
+    directory = storage.join(root, category, "train", "good")
+    urls = _image_urls(directory)
+    if not urls:
+        raise DatasetLayoutError(f"{directory} is missing or holds no images; a category needs normal training images")
+    return urls
+
+
+def test_images(root: str, category: str) -> list[TestImage]:
+    test_root = storage.join(root, category, "test")
+    if not storage.exists(test_root):
+        raise DatasetLayoutError(f"{test_root} does not exist")
+    items = []
+    for defect in storage.list_dirs(test_root):
+        for url in _image_urls(storage.join(test_root, defect)):
+            mask_url = None
+            if defect != "good":
+                stem = PurePosixPath(url).stem
+                candidate = storage.join(root, category, "ground_truth", defect, f"{stem}_mask.png")
+                mask_url = candidate if storage.exists(candidate) else None
+            items.append(TestImage(url, defect, mask_url))
+    if not items:
+        raise DatasetLayoutError(f"{test_root} holds no images")
+    return items

@@ -1,0 +1,126 @@
+"""From latents to what a QA analyst reads: maps, scores, masks and regions.
+
+The anomaly map (U-Flow, section 3.3) is one minus the mean over scales of
+each scale's likelihood proxy exp(-0.5 * mean_c z^2), upsampled to the input
+size: 0 where the flow finds the pixel perfectly typical, towards 1 where it
+does not. The defect mask comes from the NFA, not from the map, so it needs
+no threshold tuned on anomalous images.
+
+Per-image results are computed at the image's *original* resolution, since
+areas and bounding boxes must be in the pixels the factory photographed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.nn import functional as F
+
+
+def anomaly_map(latents: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) anomaly map in [0, 1] at ``size``."""
+    likelihood = torch.zeros((latents[0].shape[0], 1, *size), device=latents[0].device, dtype=latents[0].dtype)
+    for z in latents:
+        proxy = torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True))
+        likelihood += F.interpolate(proxy, size=size, mode="bilinear", align_corners=False)
+    return 1.0 - likelihood[:, 0] / len(latents)
+
+
+def resize_map(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a (B, H, W) or (H, W) map, keeping its dtype."""
+    squeeze = values.dim() == 2
+    batch = values[None, None] if squeeze else values[:, None]
+    out = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+    return out[0, 0] if squeeze else out[:, 0]
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected defect: bounding box [x0, y0, x1, y1) in original pixels."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area_px: int
+    peak_neg_log10_nfa: float
+
+    def as_dict(self) -> dict:
+        return {
+            "x0": self.x0, "y0": self.y0, "x1": self.x1, "y1": self.y1,
+            "area_px": self.area_px, "peak_neg_log10_nfa": self.peak_neg_log10_nfa,
+        }
+
+
+@dataclass
+class ImageResult:
+    """The per-image contract the scoring pipeline writes, one row per image."""
+
+    image_score: float
+    max_neg_log10_nfa: float
+    mask: np.ndarray  # bool (height, width) at original resolution
+    regions: list[Region] = field(default_factory=list)
+
+    @property
+    def height(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    @property
+    def defect_area_px(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def defect_area_fraction(self) -> float:
+        return self.defect_area_px / self.mask.size
+
+    @property
+    def is_anomalous(self) -> bool:
+        return bool(self.regions)
+
+
+# 8-connectivity: a diagonal crack is one defect, not a staircase of many.
+_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+def find_regions(mask: np.ndarray, neg_log10_nfa: np.ndarray) -> list[Region]:
+    """Connected components of ``mask`` with their boxes, areas and peaks."""
+    labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    areas = ndimage.sum_labels(mask, labels, index)
+    peaks = ndimage.maximum(neg_log10_nfa, labels, index)
+    regions = []
+    for box, area, peak in zip(ndimage.find_objects(labels), areas, peaks):
+        rows, cols = box
+        regions.append(Region(cols.start, rows.start, cols.stop, rows.stop, int(area), float(peak)))
+    return regions
+
+
+def image_result(
+    image_score: float,
+    neg_log10_nfa: torch.Tensor,
+    original_size: tuple[int, int],
+    epsilon: float,
+) -> ImageResult:
+    """Mask and regions for one image from its -log10 NFA map at input size.
+
+    A pixel is a detection when NFA < epsilon, i.e. -log10 NFA > -log10 epsilon.
+    """
+    full = resize_map(neg_log10_nfa.float(), original_size).cpu().numpy()
+    mask = full > -math.log10(epsilon)
+    return ImageResult(
+        image_score=float(image_score),
+        max_neg_log10_nfa=float(full.max()),
+        mask=mask,
+        regions=find_regions(mask, full),
+    )

@@ -1,0 +1,176 @@
+"""The detector: frozen features, the U-shaped flow and the NFA as one module.
+
+A saved detector is a directory with ``model.safetensors`` (the trained flow)
+and ``manifest.json`` (the configuration, the backbone's weight checksum, the
+training statistics). That is enough to score on any machine: nothing is
+unpickled and no code path is recorded. The backbone itself is rebuilt from
+its registry name and checked against the recorded checksum, so a model never
+silently runs on other backbone weights than it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import DetectorConfig, from_dict, to_dict
+from .anomaly import ImageResult, anomaly_map, image_result
+from .backbones import FeatureExtractor, backbone_spec, build_extractor, state_dict_sha256
+from .flow import UFlow
+from .nfa import NFA
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class ModelFormatError(RuntimeError):
+    """A model directory is incomplete, of another format, or does not fit its backbone."""
+
+
+@dataclass
+class ScoreMaps:
+    """Dense outputs for a batch at the model's input size."""
+
+    anomaly: torch.Tensor  # (B, H, W) in [0, 1]
+    neg_log10_nfa: torch.Tensor  # (B, H, W)
+    image_score: torch.Tensor  # (B,)
+
+
+def negative_log_likelihood(latents: list[torch.Tensor], log_jac_det: torch.Tensor) -> torch.Tensor:
+    """U-Flow's loss: mean over images of sum(0.5 z^2) - log|det J|.
+
+    Constants of the Gaussian density are left out; they do not move the optimum.
+    """
+    energy = sum(0.5 * z.pow(2).flatten(1).sum(dim=1) for z in latents)
+    return (energy - log_jac_det).mean()
+
+
+class UFlowDetector(nn.Module):
+    def __init__(self, config: DetectorConfig, extractor: FeatureExtractor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.manifest: dict[str, Any] = {}
+        self.extractor = extractor if extractor is not None else build_extractor(config.backbone)
+        spec = backbone_spec(config.backbone.name)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.flow = UFlow(self.extractor.feature_shapes(config.backbone.input_size), config.flow)
+        self.nfa = NFA([c for c, _, _ in self.flow.latent_shapes], config.nfa)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.config.backbone.input_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) at input size -> the backbone's normalized floats."""
+        return (images.to(self.device, torch.float32) / 255.0 - self.mean) / self.std
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.extractor(self.normalize(images))
+
+    def latents(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.flow(features)
+
+    @torch.no_grad()
+    def score_maps(self, images: torch.Tensor) -> ScoreMaps:
+        """Anomaly and -log10 NFA maps for uint8 images already at input size."""
+        latents, _ = self.latents(self.features(images))
+        anomaly = anomaly_map(latents, self.input_size)
+        log10_nfa = self.nfa(latents)
+        neg_log10_nfa = -torch.nn.functional.interpolate(
+            log10_nfa[:, None], size=self.input_size, mode="bilinear", align_corners=False
+        )[:, 0]
+        if self.config.image_score == "nfa_max":
+            score = neg_log10_nfa.flatten(1).amax(dim=1).float()
+        else:
+            score = anomaly.flatten(1).amax(dim=1)
+        return ScoreMaps(anomaly=anomaly, neg_log10_nfa=neg_log10_nfa, image_score=score)
+
+    def results(self, maps: ScoreMaps, original_sizes: list[tuple[int, int]]) -> list[ImageResult]:
+        """Per-image masks, areas and regions at each image's original (height, width)."""
+        epsilon = self.config.nfa.epsilon
+        return [
+            image_result(float(maps.image_score[i]), maps.neg_log10_nfa[i], size, epsilon)
+            for i, size in enumerate(original_sizes)
+        ]
+
+    def score(self, images: torch.Tensor, original_sizes: list[tuple[int, int]]) -> list[ImageResult]:
+        return self.results(self.score_maps(images), original_sizes)
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def backbone_checksum(self) -> str:
+        return state_dict_sha256(self.extractor.state_dict())
+
+    def save(self, directory: str | Path, manifest: dict[str, Any] | None = None) -> Path:
+        """Write weights and manifest into a local directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.flow.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE))
+        from .. import __version__
+
+        full = {
+            "format": MANIFEST_FORMAT,
+            "package_version": __version__,
+            "config": to_dict(self.config),
+            "backbone_sha256": self.backbone_checksum(),
+            "feature_shapes": [list(s) for s in self.flow.feature_shapes],
+            "latent_shapes": [list(s) for s in self.flow.latent_shapes],
+            **(manifest or {}),
+        }
+        (directory / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=_json_default))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu", extractor: FeatureExtractor | None = None) -> UFlowDetector:
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        config = from_dict(DetectorConfig, manifest["config"])
+        detector = cls(config, extractor=extractor)
+        checksum = detector.backbone_checksum()
+        if checksum != manifest["backbone_sha256"]:
+            raise ModelFormatError(
+                f"{directory}: backbone {config.backbone.name!r} weights have checksum {checksum[:12]}..., "
+                f"but the model was trained on {manifest['backbone_sha256'][:12]}...; provide the same backbone weights"
+            )
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ModelFormatError(f"{directory}: missing {WEIGHTS_FILE}")
+        try:
+            detector.flow.load_state_dict(load_file(str(weights)), strict=True)
+        except RuntimeError as exc:
+            raise ModelFormatError(f"{weights} does not fit the configured flow: {exc}") from exc
+        detector.manifest = manifest
+        return detector.to(device).eval()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelFormatError(f"{directory} is not a model directory: no {MANIFEST_FILE}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ModelFormatError(f"{path}: manifest format {manifest.get('format')!r}, this version reads {MANIFEST_FORMAT}")
+    return manifest
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

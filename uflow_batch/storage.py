@@ -1,0 +1,201 @@
+"""Object storage through fsspec: URLs, retries, atomic writes and the model store.
+
+Any fsspec URL works (``s3://``, ``gs://``, ``file://`` or a plain path);
+credentials come from the provider's standard chain (environment, profile,
+instance role) and are never written to logs or errors: :func:`redact` scrubs
+them from any message that leaves this module.
+
+The model store keeps ``<models>/<category>/<version>/`` directories and a
+``<models>/<category>/CURRENT`` pointer written *after* the version is
+complete, so a scorer that follows the pointer never sees a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CURRENT_POINTER = "CURRENT"
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def redact(text: str) -> str:
+    """Remove credential values and signed-URL signatures from a message."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return re.sub(r"(?i)(signature|x-amz-credential|x-amz-security-token)=[^&\s'\"]+", r"\1=***", text)
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return isinstance(filesystem(url)[0], LocalFileSystem)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URL for ``path`` on ``fs`` that :func:`filesystem` maps back to it."""
+    return fs.unstrip_protocol(path) if not isinstance(fs, LocalFileSystem) else path
+
+
+_TRANSIENT = (ConnectionError, TimeoutError, OSError)
+
+
+def with_retries(operation: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+    """Run ``operation``, retrying transient storage errors with exponential backoff.
+
+    FileNotFoundError and PermissionError are answers, not glitches: they are
+    raised at once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except _TRANSIENT as exc:
+            if attempt == attempts:
+                raise
+            delay = base_delay * 2 ** (attempt - 1)
+            log.warning("%s failed (%s), retry %d/%d in %.1fs", what, redact(str(exc)), attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return with_retries(lambda: fs.cat_file(path), f"read {url}")
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Make ``url`` hold ``data`` entirely or not at all.
+
+    An object-store PUT is already all-or-nothing; a local file is written
+    beside its target and renamed over it.
+    """
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    with_retries(lambda: fs.pipe_file(path, data), f"write {url}")
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return with_retries(lambda: fs.exists(path), f"stat {url}")
+
+
+def list_dirs(url: str) -> list[str]:
+    """Names of the immediate sub-directories of ``url`` (sorted)."""
+    fs, path = filesystem(url)
+    entries = with_retries(lambda: fs.ls(path, detail=True), f"list {url}")
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+
+def walk_files(url: str) -> Iterator[tuple[str, dict]]:
+    """(url, info) of every file below ``url``, streamed directory by directory."""
+    fs, root = filesystem(url)
+    for directory, _, files in fs.walk(root, detail=True):
+        for name in sorted(files):
+            info = files[name]
+            yield full_url(fs, info["name"] if "name" in info else f"{directory}/{name}"), info
+
+
+# --- model store -----------------------------------------------------------------------------
+
+def new_version() -> str:
+    """Sortable, unique version names: UTC time plus a random suffix."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+class ModelStore:
+    """Versioned model directories per category under one URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def version_url(self, category: str, version: str) -> str:
+        return join(self.url, category, version)
+
+    def publish(self, local_dir: str | Path, category: str, version: str | None = None) -> str:
+        """Upload a saved model, then move the category's pointer to it."""
+        version = version or new_version()
+        target = self.version_url(category, version)
+        for file in sorted(Path(local_dir).iterdir()):
+            if file.is_file():
+                write_bytes_atomic(join(target, file.name), file.read_bytes())
+        pointer = {"version": version, "published_at": datetime.now(timezone.utc).isoformat()}
+        write_bytes_atomic(join(self.url, category, CURRENT_POINTER), json.dumps(pointer).encode())
+        log.info("published %s/%s", category, version)
+        return version
+
+    def categories(self) -> list[str]:
+        if not exists(self.url):
+            return []
+        return [c for c in list_dirs(self.url) if exists(join(self.url, c, CURRENT_POINTER))]
+
+    def current_version(self, category: str) -> str | None:
+        try:
+            pointer = json.loads(read_bytes(join(self.url, category, CURRENT_POINTER)))
+        except FileNotFoundError:
+            return None
+        return pointer["version"]
+
+    def fetch(self, category: str, version: str | None = None, cache_dir: str | Path | None = None) -> tuple[Path, str]:
+        """A local directory holding the model (downloaded once per version)."""
+        version = version or self.current_version(category)
+        if version is None:
+            raise FileNotFoundError(f"no model for category {category!r} in {self.url}")
+        source = self.version_url(category, version)
+        if is_local(source):
+            return Path(filesystem(source)[1]), version
+        cache = Path(cache_dir or Path(tempfile.gettempdir()) / "uflow-batch-models") / category / version
+        if not (cache / ".complete").exists():
+            staging = cache.with_name(f".{version}.{uuid.uuid4().hex[:6]}")
+            staging.mkdir(parents=True)
+            fs, path = filesystem(source)
+            for info in with_retries(lambda: fs.ls(path, detail=True), f"list {source}"):
+                if info["type"] == "file":
+                    name = info["name"].rsplit("/", 1)[-1]
+                    (staging / name).write_bytes(read_bytes(full_url(fs, info["name"])))
+            (staging / ".complete").touch()
+            try:
+                staging.rename(cache)
+            except OSError:  # another process finished the same download first
+                shutil.rmtree(staging, ignore_errors=True)
+        return cache, version
