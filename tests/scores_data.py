@@ -1,0 +1,149 @@
+"""A small but real scores dataset for the report and query tests.
+
+Rows point at the real MTD tile images (never copied) and carry masks made
+from their ground truth, written with the production ``FILE_SCHEMA`` in the
+``category=.../run_date=...`` layout. The Python rows returned next to the
+dataset are the truth the tests compute their expectations from, so no test
+checks a query against the same code path that produced its answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from shared_data import require_mtd
+from uflow_batch.model.anomaly import find_regions
+from uflow_batch.pipelines.schema import FILE_SCHEMA, SCHEMA_VERSION
+
+MODEL_VERSION = "20261119T020000Z-a1b2c3"
+
+
+@dataclass(frozen=True)
+class ScoresDataset:
+    root: Path
+    rows: list[dict]  # every row as written, plus its "category" and "run_date"
+    missing_uri: str  # a scored image deleted after scoring: the report must show a placeholder
+
+    def scored(self) -> list[dict]:
+        return [r for r in self.rows if r["error"] is None]
+
+
+def _png(mask: np.ndarray, mode: str) -> bytes:
+    image = Image.fromarray(mask.astype(np.uint8) * 255, "L")
+    out = io.BytesIO()
+    (image.convert("1") if mode == "1" else image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _scored_row(path: Path, mask: np.ndarray, score: float, peak: float, run_date: str, mask_mode: str) -> dict:
+    data = path.read_bytes() if path.exists() else b""
+    neg_log10_nfa = np.where(mask, peak, -1.0).astype(np.float32)
+    regions = [r.as_dict() for r in find_regions(mask, neg_log10_nfa)]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "image_uri": str(path),
+        "object_etag": hashlib.md5(data).hexdigest(),
+        "object_size": len(data),
+        "object_mtime": datetime(2026, 11, 1, tzinfo=timezone.utc),
+        "model_version": MODEL_VERSION,
+        "scored_at": datetime.fromisoformat(f"{run_date}T02:00:00+00:00"),
+        "width": int(mask.shape[1]),
+        "height": int(mask.shape[0]),
+        "image_score": float(np.float32(score)),
+        "max_neg_log10_nfa": float(np.float32(peak if mask.any() else -1.0)),
+        "is_anomalous": bool(regions),
+        "defect_area_px": int(mask.sum()),
+        "defect_area_fraction": float(np.float32(mask.sum() / mask.size)),
+        "n_regions": len(regions),
+        "regions": regions,
+        "mask_png": _png(mask, mask_mode),
+        "error": None,
+        "error_message": None,
+    }
+
+
+def _error_row(uri: str, code: str, message: str, run_date: str) -> dict:
+    row = {name: None for name in FILE_SCHEMA.names}
+    row.update(
+        schema_version=SCHEMA_VERSION,
+        image_uri=uri,
+        model_version=None if code == "no_model" else MODEL_VERSION,
+        scored_at=datetime.fromisoformat(f"{run_date}T02:00:00+00:00"),
+        error=code,
+        error_message=message,
+    )
+    return row
+
+
+def build_scores_dataset(root: Path) -> ScoresDataset:
+    """Two categories, three nights-partitions, one split into two files, a few error rows."""
+    mtd = require_mtd() / "tile_exp1"
+    test, truth = mtd / "test", mtd / "ground_truth"
+    rng = np.random.default_rng(20261121)
+
+    def defect(kind: str, index: int) -> tuple[Path, np.ndarray]:
+        image = sorted((test / kind).glob("*.png"))[index]
+        mask = np.asarray(Image.open(truth / kind / f"{image.stem}_mask.png").convert("L")) > 0
+        return image, mask
+
+    def good(index: int) -> tuple[Path, np.ndarray]:
+        image = sorted((test / "good").glob("*.png"))[index]
+        width, height = Image.open(image).size
+        return image, np.zeros((height, width), dtype=bool)
+
+    def anomalous_rows(items: list[tuple[Path, np.ndarray]], run_date: str) -> list[dict]:
+        return [
+            _scored_row(p, m, rng.uniform(0.55, 0.9), rng.uniform(3.0, 30.0), run_date, "1" if i % 2 else "L")
+            for i, (p, m) in enumerate(items)
+        ]
+
+    def normal_rows(items: list[tuple[Path, np.ndarray]], run_date: str) -> list[dict]:
+        return [_scored_row(p, m, rng.uniform(0.05, 0.4), 0.0, run_date, "1") for p, m in items]
+
+    # The top-scored row of the whole dataset: scored, then its image was deleted from the archive.
+    deleted_image, deleted_mask = defect("blowhole", 19)
+    missing_uri = str(deleted_image.with_name("deleted_after_scoring.png"))
+    deleted = _scored_row(deleted_image, deleted_mask, 0.99, 42.0, "2026-11-21", "1")
+    deleted.update(image_uri=missing_uri)
+
+    partitions: dict[tuple[str, str], list[list[dict]]] = {
+        ("tile", "2026-11-20"): [[
+            *anomalous_rows([defect("blowhole", i) for i in range(6)], "2026-11-20"),
+            *normal_rows([good(i) for i in range(6)], "2026-11-20"),
+            _error_row(str(test / "good" / "vanished.png"), "read_error", "FileNotFoundError: object not found", "2026-11-20"),
+        ]],
+        ("tile", "2026-11-21"): [
+            [
+                *anomalous_rows([defect("crack", i) for i in range(5)], "2026-11-21"),
+                *normal_rows([good(i) for i in range(6, 12)], "2026-11-21"),
+            ],
+            [
+                *anomalous_rows([defect("blowhole", i) for i in range(6, 9)], "2026-11-21"),
+                deleted,
+                _error_row(str(test / "good" / "truncated.png"), "decode_error", "corrupt or truncated image", "2026-11-21"),
+            ],
+        ],
+        ("tile_glazed", "2026-11-21"): [[
+            *anomalous_rows([defect("crack", i) for i in range(5, 9)], "2026-11-21"),
+            *normal_rows([good(i) for i in range(12, 20)], "2026-11-21"),
+            _error_row(str(test / "good" / "huge.png"), "decode_error", "image is 20000x20000 (400.0 MP), over the 64.0 MP limit", "2026-11-21"),
+            _error_row(str(test / "good" / "odd.png"), "inference_error", "RuntimeError: non-finite latents", "2026-11-21"),
+        ]],
+    }
+    rows = []
+    for (category, run_date), files in partitions.items():
+        directory = root / f"category={category}" / f"run_date={run_date}"
+        directory.mkdir(parents=True)
+        for index, file_rows in enumerate(files):
+            pq.write_table(pa.Table.from_pylist(file_rows, schema=FILE_SCHEMA), directory / f"part-{index:05d}.parquet")
+            rows.extend({**row, "category": category, "run_date": run_date} for row in file_rows)
+    return ScoresDataset(root=root, rows=rows, missing_uri=missing_uri)
