@@ -1,0 +1,387 @@
+"""Deployment files: valid for the tools that read them, consistent with each other, free of secrets.
+
+Nothing here talks to a cloud or a cluster. The Ray cluster-launcher config is
+checked with Ray's own schema and default-filling; the Kubernetes manifests are
+parsed and their cross-references checked; the CronJob's shell script is run
+against a stand-in ``kubectl`` to see which RayJob it would create.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from uflow_batch.jobs import parse_job_spec, validate_cron
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBERAY = ROOT / "deploy" / "kuberay"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+CLUSTER_CONFIG = ROOT / "ray-cluster.yaml"
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def all_manifests() -> list[tuple[str, dict]]:
+    return [(path.name, doc) for path in sorted(KUBERAY.glob("*.yaml")) for doc in load_docs(path)]
+
+
+def one(kind: str, filename: str) -> dict:
+    docs = [doc for doc in load_docs(KUBERAY / filename) if doc["kind"] == kind]
+    assert len(docs) == 1, f"expected one {kind} in {filename}"
+    return docs[0]
+
+
+def ray_pod_specs(cluster_spec: dict) -> list[tuple[str, dict]]:
+    """(group name, pod spec) for the head and every worker group of a RayCluster spec."""
+    pods = [("head", cluster_spec["headGroupSpec"]["template"]["spec"])]
+    pods += [(g["groupName"], g["template"]["spec"]) for g in cluster_spec["workerGroupSpecs"]]
+    return pods
+
+
+def ray_cluster_specs() -> list[tuple[str, dict]]:
+    specs = [("raycluster.yaml", one("RayCluster", "raycluster.yaml")["spec"])]
+    for path in sorted(KUBERAY.glob("rayjob-*.yaml")):
+        specs.append((path.name, one("RayJob", path.name)["spec"]["rayClusterSpec"]))
+    return specs
+
+
+def dockerfile_default(arg: str) -> str:
+    match = re.search(rf"^ARG {arg}=(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
+    assert match, f"Dockerfile has no default for ARG {arg}"
+    return match.group(1)
+
+
+def nightly_spec():
+    configmap = one("ConfigMap", "configmap-jobs.yaml")
+    return parse_job_spec(configmap["data"]["nightly.yaml"], source="configmap-jobs.yaml:nightly.yaml")
+
+
+# --- ray-cluster.yaml (Ray cluster launcher, AWS) ------------------------------------------------
+
+def prepared_cluster_config() -> dict:
+    """The config as `ray up` sees it after filling defaults: offline, no AWS calls."""
+    return prepare_config(copy.deepcopy(yaml.safe_load(CLUSTER_CONFIG.read_text())))
+
+
+def test_cluster_config_passes_rays_own_schema_validation():
+    validate_config(prepared_cluster_config())
+
+
+def test_rays_validator_does_reject_a_broken_config():
+    # The check above means something only if the validator is live.
+    broken = prepared_cluster_config()
+    broken["idle_timeout_minutes_typo"] = 5
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(broken)
+
+
+def test_cluster_config_has_a_cpu_head_and_an_autoscaling_gpu_worker_type():
+    config = yaml.safe_load(CLUSTER_CONFIG.read_text())
+    assert config["provider"]["type"] == "aws"
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_types = [t for name, t in types.items() if name != config["head_node_type"] and t["resources"].get("GPU")]
+    assert len(gpu_types) == 1
+    gpu = gpu_types[0]
+    assert gpu["resources"]["GPU"] == 1
+    assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))  # an EC2 GPU family
+    assert gpu.get("min_workers", 0) == 0 < gpu["max_workers"] <= config["max_workers"]
+    assert config["idle_timeout_minutes"] >= 1
+
+
+def test_every_node_gets_s3_access_from_an_instance_profile():
+    config = yaml.safe_load(CLUSTER_CONFIG.read_text())
+    for name, node_type in config["available_node_types"].items():
+        profile = node_type["node_config"].get("IamInstanceProfile", {})
+        assert re.match(r"^arn:aws:iam::\d{12}:instance-profile/", profile.get("Arn", "")), name
+
+
+def test_cluster_setup_installs_the_package_with_the_same_ray_as_the_image():
+    config = yaml.safe_load(CLUSTER_CONFIG.read_text())
+    setup = "\n".join(config["setup_commands"])
+    assert re.search(r"pip install .*uflow_batch-.*\.whl", setup)
+    assert f"ray[default,data]=={dockerfile_default('RAY_VERSION')}" in setup
+    mounted = {Path(local).as_posix().lstrip("./") for local in config["file_mounts"].values()}
+    assert {"dist", "jobs"} <= mounted
+
+
+# --- Kubernetes manifests ---------------------------------------------------------------------------
+
+def test_every_manifest_parses_and_names_its_api_kind_and_name():
+    manifests = all_manifests()
+    assert {path.name for path in KUBERAY.glob("*.yaml")} >= {
+        "raycluster.yaml", "rayjob-train-all.yaml", "rayjob-nightly.yaml",
+        "cronjob-nightly.yaml", "configmap-jobs.yaml", "serviceaccount.yaml",
+    }
+    for filename, doc in manifests:
+        assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], filename
+        assert isinstance(doc.get("kind"), str) and doc["kind"], filename
+        assert re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", doc.get("metadata", {}).get("name", "")), filename
+
+
+def test_ray_resources_use_the_v1_api():
+    for filename, doc in all_manifests():
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            assert doc["apiVersion"] == "ray.io/v1", filename
+
+
+def test_raycluster_has_a_head_and_an_autoscaling_gpu_worker_group():
+    spec = one("RayCluster", "raycluster.yaml")["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["template"]["spec"]["containers"]
+    head_limits = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in head_limits
+    gpu_groups = [
+        g for g in spec["workerGroupSpecs"]
+        if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") == 1
+    ]
+    assert len(gpu_groups) == 1
+    group = gpu_groups[0]
+    assert group["minReplicas"] == 0 < group["maxReplicas"]
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_every_ray_cluster_runs_the_images_ray_version_with_matching_images():
+    for filename, spec in ray_cluster_specs():
+        assert spec["rayVersion"] == dockerfile_default("RAY_VERSION"), filename
+        for group, pod in ray_pod_specs(spec):
+            container = pod["containers"][0]
+            wants_gpu = "nvidia.com/gpu" in container["resources"].get("limits", {})
+            assert container["image"].endswith("-gpu" if wants_gpu else "-cpu"), (filename, group)
+
+
+def test_every_ray_pod_runs_as_the_iam_annotated_service_account_and_not_as_root():
+    account = one("ServiceAccount", "serviceaccount.yaml")
+    assert re.match(r"^arn:aws:iam::\d{12}:role/", account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"])
+    for filename, spec in ray_cluster_specs():
+        for group, pod in ray_pod_specs(spec):
+            assert pod["serviceAccountName"] == account["metadata"]["name"], (filename, group)
+            assert pod["securityContext"]["runAsNonRoot"] is True, (filename, group)
+
+
+def test_rayjobs_run_uflow_batch_on_clusters_that_go_away_afterwards():
+    jobs = [(path.name, one("RayJob", path.name)) for path in sorted(KUBERAY.glob("rayjob-*.yaml"))]
+    assert len(jobs) >= 2
+    for filename, job in jobs:
+        assert job["spec"]["entrypoint"].startswith("uflow-batch "), filename
+        assert job["spec"]["shutdownAfterJobFinishes"] is True, filename
+
+
+def test_the_training_rayjob_runs_train_all_on_data_and_models():
+    entrypoint = one("RayJob", "rayjob-train-all.yaml")["spec"]["entrypoint"].split()
+    assert entrypoint[:2] == ["uflow-batch", "train-all"]
+    assert "--data" in entrypoint and "--models" in entrypoint
+
+
+def test_the_nightly_rayjob_reads_its_spec_from_the_jobs_configmap_on_the_head():
+    job = one("RayJob", "rayjob-nightly.yaml")
+    assert job["spec"]["entrypoint"] == "uflow-batch run-job /jobs/nightly.yaml"
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in head["volumes"]}
+    jobs_volume = next(name for name, path in mounts.items() if path == "/jobs")
+    configmap = one("ConfigMap", "configmap-jobs.yaml")
+    assert volumes[jobs_volume]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert "nightly.yaml" in configmap["data"]
+
+
+def test_the_configmaps_job_spec_is_valid_and_fits_the_nightly_cluster():
+    spec = nightly_spec()
+    gpu_group = next(
+        g for g in one("RayJob", "rayjob-nightly.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    )
+    if spec.resources.gpus_per_actor:
+        assert spec.resources.actors * spec.resources.gpus_per_actor <= gpu_group["maxReplicas"]
+
+
+def test_the_cronjob_fires_on_the_specs_schedule_in_utc():
+    cronjob = one("CronJob", "cronjob-nightly.yaml")
+    assert cronjob["apiVersion"] == "batch/v1"
+    validate_cron(cronjob["spec"]["schedule"])
+    assert cronjob["spec"]["schedule"] == nightly_spec().schedule
+    assert cronjob["spec"]["timeZone"] in ("Etc/UTC", "UTC")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    env = {e["name"]: e["value"] for e in cronjob_container()["env"]}
+    assert env["JOB_NAME"] == nightly_spec().name
+
+
+def cronjob_container() -> dict:
+    pod = one("CronJob", "cronjob-nightly.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return pod["containers"][0]
+
+
+def test_the_cronjob_may_manage_rayjobs_and_nothing_else():
+    pod = one("CronJob", "cronjob-nightly.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    account = one("ServiceAccount", "cronjob-nightly.yaml")
+    role = one("Role", "cronjob-nightly.yaml")
+    binding = one("RoleBinding", "cronjob-nightly.yaml")
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"]}]
+    assert role["rules"] == [{
+        "apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "create", "delete"],
+    }]
+
+
+def test_the_cronjob_template_configmap_is_documented_with_its_create_command():
+    pod = one("CronJob", "cronjob-nightly.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    template = next(v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v)
+    command = f"kubectl create configmap {template}"
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert command in readme and "--from-file=rayjob.yaml=deploy/kuberay/rayjob-nightly.yaml" in readme
+
+
+def run_cronjob_script(tmp_path: Path, existing: list[str]) -> tuple[Path, list[str]]:
+    """Run the CronJob's script with a stand-in kubectl; return (created file, deleted refs).
+
+    The stand-in answers ``get`` from ``existing``, records ``create`` and
+    ``delete``, and hands ``patch --local`` (pure, offline) to the real kubectl.
+    """
+    real = shutil.which("kubectl")
+    if real is None:
+        pytest.skip("kubectl is not installed")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "kubectl"
+    fake.write_text(
+        '#!/bin/sh\n'
+        'case "$1" in\n'
+        '  get) if [ "$3" = "-l" ]; then for n in $FAKE_EXISTING; do echo "rayjob.ray.io/$n"; done; exit 0; fi\n'
+        '       for n in $FAKE_EXISTING; do [ "$n" = "$3" ] && exit 0; done; exit 1 ;;\n'
+        '  patch) exec "$REAL_KUBECTL" "$@" ;;\n'
+        '  create) cp "$3" "$FAKE_OUT/created.yaml" ;;\n'
+        '  delete) echo "$2" >> "$FAKE_OUT/deleted" ;;\n'
+        '  *) echo "unexpected kubectl $*" >&2; exit 2 ;;\n'
+        'esac\n'
+    )
+    fake.chmod(0o755)
+    container = cronjob_container()
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env.update({
+        "TEMPLATE": str(KUBERAY / "rayjob-nightly.yaml"),
+        "HOME": str(tmp_path),
+        "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+        "REAL_KUBECTL": real,
+        "KUBECONFIG": str(tmp_path / "no-kubeconfig"),
+        "FAKE_EXISTING": " ".join(existing),
+        "FAKE_OUT": str(tmp_path),
+    })
+    result = subprocess.run([*container["command"], *container["args"]], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    deleted = tmp_path / "deleted"
+    return tmp_path / "created.yaml", deleted.read_text().split() if deleted.exists() else []
+
+
+def test_the_cronjob_creates_tonights_rayjob_from_the_template_and_prunes_old_ones(tmp_path):
+    tonight = datetime.now(timezone.utc)
+    old = (tonight - timedelta(days=40)).strftime("%Y%m%d")
+    recent = (tonight - timedelta(days=1)).strftime("%Y%m%d")
+    job_name = nightly_spec().name
+
+    created, deleted = run_cronjob_script(tmp_path, [f"{job_name}-{old}", f"{job_name}-{recent}", job_name])
+
+    job = yaml.safe_load(created.read_text())
+    night = tonight.strftime("%Y%m%d")
+    assert job["kind"] == "RayJob"
+    assert job["metadata"]["name"] == f"{job_name}-{night}"
+    assert job["metadata"]["labels"]["uflow-batch/night"] == night
+    assert job["metadata"]["labels"]["uflow-batch/job"] == job_name
+    assert job["spec"] == one("RayJob", "rayjob-nightly.yaml")["spec"]
+    assert deleted == [f"rayjob.ray.io/{job_name}-{old}"]
+
+
+def test_the_cronjob_leaves_an_existing_rayjob_for_tonight_alone(tmp_path):
+    night = datetime.now(timezone.utc).strftime("%Y%m%d")
+    created, deleted = run_cronjob_script(tmp_path, [f"{nightly_spec().name}-{night}"])
+    assert not created.exists()
+    assert deleted == []
+
+
+# --- secrets and the Dockerfile -------------------------------------------------------------------
+
+SECRET_PATTERNS = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),
+    re.compile(r"aws_secret_access_key", re.IGNORECASE),
+    re.compile(r"aws_session_token", re.IGNORECASE),
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"^\s*(password|secret|token)\s*[:=]\s*\S+", re.IGNORECASE | re.MULTILINE),
+]
+
+
+def deployment_files() -> list[Path]:
+    files = [p for p in (ROOT / "deploy").rglob("*") if p.is_file()]
+    files += [CLUSTER_CONFIG, *(ROOT / "jobs").glob("*")]
+    return sorted(files)
+
+
+@pytest.mark.parametrize("path", deployment_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_deployment_file_holds_a_credential(path):
+    text = path.read_text()
+    for pattern in SECRET_PATTERNS:
+        assert not pattern.search(text), f"{pattern.pattern} in {path}"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per logical line: comments dropped, continuations joined."""
+    instructions, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip("\\").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            keyword, _, rest = pending.strip().partition(" ")
+            instructions.append((keyword.upper(), rest))
+            pending = ""
+    assert not pending, "Dockerfile ends inside a continued line"
+    return instructions
+
+
+def test_dockerfile_instructions_are_all_known():
+    known = {"FROM", "ARG", "ENV", "RUN", "COPY", "USER", "WORKDIR", "LABEL", "EXPOSE", "CMD", "ENTRYPOINT"}
+    instructions = dockerfile_instructions()
+    assert instructions and all(keyword in known for keyword, _ in instructions), instructions
+    assert instructions[0][0] in ("ARG", "FROM")
+
+
+def test_dockerfile_switches_cpu_and_cuda_with_one_build_argument():
+    instructions = dockerfile_instructions()
+    froms = [args for keyword, args in instructions if keyword == "FROM"]
+    assert dockerfile_default("VARIANT") == "cpu"
+    assert any(re.match(r"rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-cpu AS base-cpu$", f) for f in froms)
+    assert any(re.match(r"rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-gpu AS base-gpu$", f) for f in froms)
+    assert froms[-1].startswith("base-${VARIANT}")
+    text = DOCKERFILE.read_text()
+    assert "https://download.pytorch.org/whl/cpu" in text
+
+
+def test_dockerfile_installs_the_package_as_a_non_root_user():
+    instructions = dockerfile_instructions()
+    final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
+    users = [args.strip() for keyword, args in final if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    copies = " ".join(args for keyword, args in final if keyword == "COPY")
+    assert "pyproject.toml" in copies and "uflow_batch" in copies
+    runs = " ".join(args for keyword, args in final if keyword == "RUN")
+    assert re.search(r"pip install [^&]*/tmp/uflow-batch", runs)
+    assert "uflow-batch --help" in runs  # the console script exists in the image
+
+
+def test_docker_build_context_leaves_the_virtualenv_out():
+    lines = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    assert patterns[0] == "*"  # everything out, then only what the image needs back in
+    assert {"!pyproject.toml", "!README.md", "!uflow_batch", "!jobs"} <= set(patterns)

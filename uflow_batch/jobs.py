@@ -1,0 +1,401 @@
+"""Nightly job specs: what to score, with which models, where to write, how long to keep it.
+
+A job spec is a small YAML file (local, or in object storage next to the data,
+so a scheduler pod needs nothing but its URL). It is validated completely when
+loaded, with every error naming the offending field: a nightly run that starts
+at 02:00 must fail at 02:00 on a typo, not at 03:40 after reading half the
+archive. Schedulers (a Kubernetes CronJob, plain cron) only decide *when*
+``uflow-batch run-job`` runs; the spec is the one place that says *what* runs.
+
+This module knows nothing of Ray or of scoring. It resolves a spec for one run
+date (:meth:`JobSpec.inputs_for`, :meth:`JobSpec.manifest_for`,
+:meth:`JobSpec.default_run_date`) and applies the output retention policy
+(:func:`expired_run_dates`, :func:`apply_retention`); the CLI hands the rest to
+the scoring pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+import yaml
+
+from uflow_batch import storage
+from uflow_batch.config import ConfigError, _require, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+RUN_DATE_PLACEHOLDER = "{run_date}"
+CATEGORY_SOURCES = ("path", "manifest")
+RUN_DATE_PARTITION = "run_date"
+CATEGORY_PARTITION = "category"
+
+# The CronJob names each night's RayJob ``<name>-<YYYYMMDD>``; KubeRay derives
+# further names (cluster, submitter Job, pods) from it and Kubernetes caps
+# names and label values at 63 characters, so the spec name stays short.
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+_RUN_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+_USERINFO_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@")
+_RAY_ADDRESS_RE = re.compile(r"^(auto|local|ray://\S+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
+
+
+# --- cron -----------------------------------------------------------------------------------
+
+_CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+_MONTHS = {m: i + 1 for i, m in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split())}
+_WEEKDAYS = {d: i for i, d in enumerate("SUN MON TUE WED THU FRI SAT".split())}
+# (name, lowest, highest, names allowed, '?' allowed)
+_CRON_FIELDS = (
+    ("minute", 0, 59, {}, False),
+    ("hour", 0, 23, {}, False),
+    ("day-of-month", 1, 31, {}, True),
+    ("month", 1, 12, _MONTHS, False),
+    ("day-of-week", 0, 7, _WEEKDAYS, True),
+)
+
+
+def validate_cron(expression: str, field_name: str = "schedule") -> None:
+    """Check a standard 5-field cron expression (or a macro such as ``@daily``).
+
+    Accepts what both Vixie cron and Kubernetes CronJobs accept: ``*``, values,
+    ranges ``a-b``, steps ``*/n`` and ``a-b/n``, lists ``a,b``, month and
+    weekday names, ``?`` for the day fields. Time zones are not part of the
+    expression (a CronJob sets ``timeZone``; plain cron uses the host's), so a
+    ``TZ=`` prefix is refused rather than half-supported.
+    """
+    _require(isinstance(expression, str) and expression.strip() != "",
+             f"{field_name} must be a cron expression such as '0 2 * * *', got {expression!r}")
+    text = expression.strip()
+    if text.startswith("@"):
+        _require(text in _CRON_MACROS, f"{field_name}: unknown cron macro {text!r}; known: {list(_CRON_MACROS)}")
+        return
+    _require(not re.match(r"^(CRON_)?TZ=", text),
+             f"{field_name}: a time zone prefix is not supported ({text!r}); run dates are UTC")
+    parts = text.split()
+    _require(len(parts) == 5,
+             f"{field_name} must have 5 fields (minute hour day-of-month month day-of-week), "
+             f"got {len(parts)} in {text!r}")
+    for part, (name, low, high, names, question_ok) in zip(parts, _CRON_FIELDS):
+        _check_cron_field(part, name, low, high, names, question_ok, field_name)
+
+
+def _check_cron_field(part: str, name: str, low: int, high: int, names: dict[str, int],
+                      question_ok: bool, field_name: str) -> None:
+    where = f"{field_name}: {name} field {part!r}"
+
+    def value(token: str) -> int:
+        if token.upper() in names:
+            return names[token.upper()]
+        _require(token.isdigit(), f"{where}: {token!r} is not a number" + (f" or one of {list(names)}" if names else ""))
+        number = int(token)
+        _require(low <= number <= high, f"{where}: {number} is out of range {low}-{high}")
+        return number
+
+    if part == "?":
+        _require(question_ok, f"{where}: '?' is only allowed in day-of-month and day-of-week")
+        return
+    for item in part.split(","):
+        _require(item != "", f"{where}: empty list element")
+        base, _, step = item.partition("/")
+        if step or "/" in item:
+            _require(step.isdigit() and int(step) >= 1, f"{where}: step {step!r} must be a positive integer")
+        if base == "*":
+            continue
+        first, dash, last = base.partition("-")
+        start = value(first)
+        if dash:
+            end = value(last)
+            _require(start <= end, f"{where}: range {base!r} runs backwards")
+
+
+# --- the spec -------------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_url(name: str, value: Any, placeholder_ok: bool) -> None:
+    _require(isinstance(value, str) and value.strip() != "", f"{name} must be a non-empty URL or path, got {value!r}")
+    _require(not _USERINFO_RE.match(value),
+             f"{name} must not embed credentials in the URL; use the cloud role (IRSA, instance profile)")
+    placeholders = _PLACEHOLDER_RE.findall(value)
+    if not placeholder_ok:
+        _require(not placeholders,
+                 f"{name} must not contain placeholders, got {value!r}"
+                 + ("; results are already partitioned by run_date" if name == "output" else ""))
+    for placeholder in placeholders:
+        _require(placeholder == "run_date",
+                 f"{name}: unknown placeholder {{{placeholder}}} in {value!r}; only {RUN_DATE_PLACEHOLDER} is allowed")
+
+
+def validate_run_date(run_date: Any) -> str:
+    """``run_date`` as a real calendar date in ``YYYY-MM-DD`` form, else a ConfigError."""
+    ok = isinstance(run_date, str) and _RUN_DATE_RE.match(run_date) is not None
+    if ok:
+        try:
+            date.fromisoformat(run_date)
+        except ValueError:
+            ok = False
+    _require(ok, f"run_date must be a date as YYYY-MM-DD, got {run_date!r}")
+    return run_date
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How the scoring pipeline sizes its Ray work.
+
+    ``actors`` inference actors each hold ``gpus_per_actor`` GPUs (a fraction
+    such as 0.5 packs two actors per GPU; 0 scores on CPU) and
+    ``cpus_per_actor`` CPUs and take batches of ``batch_size`` images;
+    ``decode_cpus`` is the CPU reservation of each read/decode task.
+    """
+
+    batch_size: int = 16
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float = 2.0
+    actors: int = 2
+    decode_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.batch_size) and self.batch_size >= 1,
+                 f"resources.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        _require(_is_number(self.gpus_per_actor) and self.gpus_per_actor >= 0,
+                 f"resources.gpus_per_actor must be a number >= 0, got {self.gpus_per_actor!r}")
+        _require(_is_number(self.cpus_per_actor) and self.cpus_per_actor > 0,
+                 f"resources.cpus_per_actor must be a number > 0, got {self.cpus_per_actor!r}")
+        _require(_is_int(self.actors) and self.actors >= 1,
+                 f"resources.actors must be an integer >= 1, got {self.actors!r}")
+        _require(_is_number(self.decode_cpus) and self.decode_cpus > 0,
+                 f"resources.decode_cpus must be a number > 0, got {self.decode_cpus!r}")
+        for name in ("gpus_per_actor", "cpus_per_actor", "decode_cpus"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One nightly scoring job, as declared in YAML (see ``jobs/nightly-example.yaml``).
+
+    Run dates are UTC calendar dates. ``lag_days`` says which day's data a run
+    scores when no run date is given: a job that starts at 02:00 usually scores
+    the day that just ended (``lag_days: 1``).
+    """
+
+    name: str
+    schedule: str
+    inputs: tuple[str, ...]
+    models: str
+    output: str
+    categories: tuple[str, ...] | None = None
+    category_from: str = "path"
+    manifest: str | None = None
+    nfa_epsilon: float | None = None
+    resources: Resources = field(default_factory=Resources)
+    retention_days: int | None = 90
+    lag_days: int = 0
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and _NAME_RE.match(self.name) is not None,
+                 f"name must be 1-40 characters of [a-z0-9-], starting and ending with a letter or digit, "
+                 f"got {self.name!r}")
+        validate_cron(self.schedule, "schedule")
+
+        inputs = (self.inputs,) if isinstance(self.inputs, str) else self.inputs
+        _require(isinstance(inputs, tuple) and len(inputs) >= 1,
+                 f"inputs must be a list of one or more URLs, got {self.inputs!r}")
+        for i, url in enumerate(inputs):
+            _check_url(f"inputs[{i}]", url, placeholder_ok=True)
+        _require(len(set(inputs)) == len(inputs), f"inputs has duplicates: {list(inputs)}")
+        object.__setattr__(self, "inputs", tuple(inputs))
+        _check_url("models", self.models, placeholder_ok=False)
+        _check_url("output", self.output, placeholder_ok=False)
+
+        if self.categories is not None:
+            cats = self.categories
+            _require(isinstance(cats, tuple) and len(cats) >= 1,
+                     f"categories must be a non-empty list (omit it to score every category with a model), "
+                     f"got {self.categories!r}")
+            for i, cat in enumerate(cats):
+                _require(isinstance(cat, str) and cat.strip() == cat and cat != "" and not set(cat) & set("/=\\"),
+                         f"categories[{i}] must be a category directory name (no '/', '=' or spaces), got {cat!r}")
+            _require(len(set(cats)) == len(cats), f"categories has duplicates: {list(cats)}")
+
+        _require(self.category_from in CATEGORY_SOURCES,
+                 f"category_from must be one of {list(CATEGORY_SOURCES)}, got {self.category_from!r}")
+        if self.category_from == "manifest":
+            _require(self.manifest is not None, "manifest: a manifest URL is required when category_from is 'manifest'")
+            _check_url("manifest", self.manifest, placeholder_ok=True)
+        else:
+            _require(self.manifest is None,
+                     "manifest is only used with category_from: manifest; remove it or set category_from")
+
+        if isinstance(self.nfa_epsilon, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                object.__setattr__(self, "nfa_epsilon", float(self.nfa_epsilon))
+            except ValueError:
+                pass
+        _require(self.nfa_epsilon is None or (_is_number(self.nfa_epsilon) and self.nfa_epsilon > 0),
+                 f"nfa_epsilon must be a number > 0 (or null to keep each model's), got {self.nfa_epsilon!r}")
+        if self.nfa_epsilon is not None:
+            object.__setattr__(self, "nfa_epsilon", float(self.nfa_epsilon))
+
+        _require(isinstance(self.resources, Resources),
+                 f"resources must be a mapping of {sorted(Resources.__dataclass_fields__)}, got {self.resources!r}")
+        _require(self.retention_days is None or (_is_int(self.retention_days) and self.retention_days >= 1),
+                 f"retention_days must be an integer >= 1 (or null to keep everything), got {self.retention_days!r}")
+        _require(_is_int(self.lag_days) and self.lag_days >= 0,
+                 f"lag_days must be an integer >= 0, got {self.lag_days!r}")
+        if self.retention_days is not None:
+            _require(self.lag_days < self.retention_days,
+                     f"lag_days ({self.lag_days}) must be smaller than retention_days ({self.retention_days}), "
+                     f"or a run would delete the partition it just wrote")
+        _require(self.ray_address is None
+                 or (isinstance(self.ray_address, str) and _RAY_ADDRESS_RE.match(self.ray_address) is not None),
+                 f"ray_address must be null, 'auto', 'local', 'ray://host:port' or 'host:port', "
+                 f"got {self.ray_address!r}")
+
+    # -- resolving one run ---------------------------------------------------------------------
+
+    def default_run_date(self, today: date) -> str:
+        """The run date a run started on ``today`` (UTC) scores when none is given."""
+        return (today - timedelta(days=self.lag_days)).isoformat()
+
+    def inputs_for(self, run_date: str) -> list[str]:
+        """The input URLs of one run, with ``{run_date}`` filled in."""
+        run_date = validate_run_date(run_date)
+        return [url.replace(RUN_DATE_PLACEHOLDER, run_date) for url in self.inputs]
+
+    def manifest_for(self, run_date: str) -> str | None:
+        """The manifest URL of one run (``{run_date}`` filled in), or None for path categories."""
+        run_date = validate_run_date(run_date)
+        return None if self.manifest is None else self.manifest.replace(RUN_DATE_PLACEHOLDER, run_date)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+_REQUIRED = ("name", "schedule", "inputs", "models", "output")
+
+
+def job_spec_from_dict(data: Any) -> JobSpec:
+    """Build and validate a :class:`JobSpec` from parsed YAML/JSON data."""
+    _require(isinstance(data, dict), f"a job spec must be a mapping of fields, got {type(data).__name__}")
+    missing = [name for name in _REQUIRED if name not in data]
+    _require(not missing, f"job spec: missing required field(s) {missing}")
+    if isinstance(data.get("resources"), dict):
+        unknown = sorted(set(data["resources"]) - set(Resources.__dataclass_fields__))
+        _require(not unknown, f"resources: unknown field(s) {unknown}; known: {sorted(Resources.__dataclass_fields__)}")
+    if data.get("resources") is None and "resources" in data:
+        data = {k: v for k, v in data.items() if k != "resources"}
+    return from_dict(JobSpec, data)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicate field {key!r} (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_job_spec(text: str | bytes, source: str = "<string>") -> JobSpec:
+    """Parse YAML text into a validated spec; errors are prefixed with ``source``."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return job_spec_from_dict(data)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"job spec {source}: not valid YAML: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"job spec {source}: {exc}") from exc
+
+
+def load_job_spec(path_or_url: str) -> JobSpec:
+    """Read and validate a spec from a path or any fsspec URL (``s3://.../nightly.yaml``).
+
+    A missing file raises FileNotFoundError; anything wrong inside it raises
+    ConfigError naming the field.
+    """
+    return parse_job_spec(storage.read_bytes(path_or_url), source=path_or_url)
+
+
+# --- retention -------------------------------------------------------------------------------
+
+def expired_run_dates(existing: list[str], today: date, retention_days: int | None) -> list[str]:
+    """The run dates among ``existing`` that are more than ``retention_days`` days before ``today``.
+
+    A partition exactly ``retention_days`` old is kept. Values that are not
+    valid ``YYYY-MM-DD`` dates are never returned: retention deletes only what
+    it understands. ``retention_days=None`` keeps everything.
+    """
+    if retention_days is None:
+        return []
+    _require(_is_int(retention_days) and retention_days >= 1,
+             f"retention_days must be an integer >= 1 or None, got {retention_days!r}")
+    cutoff = today - timedelta(days=retention_days)
+    expired = set()
+    for value in existing:
+        try:
+            day = date.fromisoformat(validate_run_date(value))
+        except ConfigError:
+            log.warning("retention: ignoring partition run_date=%s (not a YYYY-MM-DD date)", value)
+            continue
+        if day < cutoff:
+            expired.add(value)
+    return sorted(expired)
+
+
+def _partition_values(entries: list[str], key: str) -> dict[str, str]:
+    """``{value: directory name}`` for hive directories named ``key=value``."""
+    prefix = f"{key}="
+    return {name[len(prefix):]: name for name in entries if name.startswith(prefix)}
+
+
+def apply_retention(output_url: str, today: date, retention_days: int | None, *, dry_run: bool = False) -> list[str]:
+    """Delete ``<output>/category=*/run_date=<expired>/`` partitions; return their URLs.
+
+    Call it only after a successful run, so a failing night never shrinks the
+    history. Only directories named ``category=...`` and ``run_date=<date>``
+    are touched; anything else under the output (checkpoints, notes) stays.
+    Partitions that hold no objects are skipped. With ``dry_run`` nothing is
+    deleted and the would-be deletions are returned.
+    """
+    if retention_days is None or not storage.exists(output_url):
+        return []
+    deleted: list[str] = []
+    for category_dir in sorted(_partition_values(storage.list_dirs(output_url), CATEGORY_PARTITION).values()):
+        category_url = storage.join(output_url, category_dir)
+        run_dirs = _partition_values(storage.list_dirs(category_url), RUN_DATE_PARTITION)
+        for run_date in expired_run_dates(list(run_dirs), today, retention_days):
+            url = storage.join(category_url, run_dirs[run_date])
+            fs, path = storage.filesystem(url)
+            # Some S3-compatible stores (SeaweedFS) keep listing a prefix as a
+            # folder after its last object is gone: such an empty partition has
+            # nothing to delete and is not reported again every night.
+            found = storage.with_retries(lambda: fs.find(path, detail=True), f"list {url}")
+            if not any(info.get("type") == "file" for info in found.values()):
+                continue
+            if not dry_run:
+                storage.with_retries(lambda: fs.rm(path, recursive=True), f"delete {url}")
+                fs.invalidate_cache(path)
+            log.info("retention: %s %s", "would delete" if dry_run else "deleted", url)
+            deleted.append(url)
+    return deleted
