@@ -41,12 +41,17 @@ def redact(text: str) -> str:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return re.sub(r"(?i)(signature|x-amz-credential|x-amz-security-token)=[^&\s'\"]+", r"\1=***", text)
+    return re.sub(r"(?i)(signature|x-amz-credential|x-amz-security-token|awsaccesskeyid)=[^&\s'\"]+", r"\1=***", text)
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``url`` and the path inside it."""
-    fs, path = fsspec.core.url_to_fs(url)
+    """The fsspec filesystem for ``url`` and the path inside it.
+
+    Listings are not cached: other processes write the same prefixes (models,
+    partitions), and a cached listing would hide their objects for the life of
+    the process (fsspec's listing cache never expires by default).
+    """
+    fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False)
     return fs, path
 
 
@@ -66,22 +71,43 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 _TRANSIENT = (ConnectionError, TimeoutError, OSError)
 
 
+def _scrubbed(exc: Exception) -> Exception | None:
+    """``exc`` rebuilt with credentials removed from its message, or None when it carries none.
+
+    Errors of signed URLs quote the URL, signature included. The type is kept
+    where it can be rebuilt from a message, so callers' ``except`` clauses match.
+    """
+    message = str(exc)
+    clean = redact(message)
+    if clean == message:
+        return None
+    try:
+        copy = type(exc)(clean)
+        if str(copy) == clean:
+            return copy
+    except Exception:  # noqa: BLE001 - a type that cannot be built from a message
+        pass
+    return OSError(f"{type(exc).__name__}: {clean}")
+
+
 def with_retries(operation: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
     """Run ``operation``, retrying transient storage errors with exponential backoff.
 
     FileNotFoundError and PermissionError are answers, not glitches: they are
-    raised at once.
+    raised at once. An error that leaves quotes no credentials (see :func:`redact`).
     """
     for attempt in range(1, attempts + 1):
         try:
             return operation()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise
-        except _TRANSIENT as exc:
-            if attempt == attempts:
-                raise
+        except Exception as exc:
+            answer = isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+            if answer or not isinstance(exc, _TRANSIENT) or attempt == attempts:
+                scrubbed = _scrubbed(exc)
+                if scrubbed is None:
+                    raise
+                raise scrubbed from None
             delay = base_delay * 2 ** (attempt - 1)
-            log.warning("%s failed (%s), retry %d/%d in %.1fs", what, redact(str(exc)), attempt, attempts - 1, delay)
+            log.warning("%s failed (%s), retry %d/%d in %.1fs", redact(what), redact(str(exc)), attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 

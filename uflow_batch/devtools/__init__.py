@@ -1,0 +1,1 @@
+"""Development tools: real local services that tests and the demo run against instead of mocks."""
