@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scores_data import ScoresDataset, build_scores_dataset
+from scores_data import ScoresDataset, build_scores_dataset, upload
 from uflow_batch import report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -232,6 +232,19 @@ def test_a_dataset_url_that_does_not_exist_is_an_error(tmp_path):
     assert not (tmp_path / "r.html").exists()
 
 
+def test_a_dataset_on_s3_gives_the_same_report(built, scores, s3_bucket_url, tmp_path):
+    local_summary, local_page, _ = built
+    root = upload(scores.root, f"{s3_bucket_url}/scores")
+    summary = report.build_report(root, str(tmp_path / "s3.html"), top_n=TOP_N)
+    page = (tmp_path / "s3.html").read_text()
+    assert (summary.n_images, summary.n_anomalous, summary.n_errors, summary.categories, summary.run_dates) == (
+        local_summary.n_images, local_summary.n_anomalous, local_summary.n_errors,
+        local_summary.categories, local_summary.run_dates,
+    )
+    assert [(c["uri"], c["thumbnail"]) for c in cards(page)] == [(c["uri"], c["thumbnail"]) for c in cards(local_page)]
+    assert figures(page) == figures(local_page)
+
+
 # --- thumbnails ----------------------------------------------------------------------------
 
 def test_render_thumbnail_downscales_and_keeps_a_one_pixel_crack_visible():
@@ -306,4 +319,5 @@ def test_report_renders_in_headless_chromium_without_console_errors(built, tmp_p
     assert plots == len(figures(out.read_text())) == 5
     assert svgs >= plots and all(n > 0 for n in traces_drawn)
     assert decoded == TOP_N
-    assert Image.open(screenshot).size[0] == 1400
+    with Image.open(screenshot) as shot:
+        assert shot.size[0] == 1400

@@ -1,0 +1,248 @@
+"""The analysts' ready queries: every one, in every flavour, gives the right numbers.
+
+Expectations are computed in plain Python from the rows the test dataset was
+written from (tests/scores_data.py), never from another query: DuckDB,
+pandas and Polars are each checked against that truth, locally and (with the
+project's SeaweedFS fixture) straight on s3://.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from datetime import date, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scores_data import ScoresDataset, build_scores_dataset, upload
+from uflow_batch import analysts
+
+QUERIES = Path(__file__).resolve().parents[1] / "docs" / "queries"
+
+
+def load_examples(name: str):
+    spec = importlib.util.spec_from_file_location(name, QUERIES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory) -> ScoresDataset:
+    return build_scores_dataset(tmp_path_factory.mktemp("scores") / "scores")
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_s3(monkeypatch):
+    """Local queries must not depend on whatever AWS_* the shell happens to have."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# --- results as plain records, whatever produced them -----------------------------------------
+
+def plain(value):
+    if isinstance(value, datetime):  # pandas Timestamp included
+        return value.date().isoformat() if (value.hour, value.minute, value.second) == (0, 0, 0) and value.tzinfo is None else value
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def records(result) -> list[dict]:
+    """DuckDB/Arrow, pandas and Polars results as a list of plain dicts."""
+    if hasattr(result, "to_pylist"):
+        rows = result.to_pylist()
+    elif hasattr(result, "to_dicts"):
+        rows = result.to_dicts()
+    else:
+        rows = result.to_dict("records")
+    return [{key: plain(value) for key, value in row.items()} for row in rows]
+
+
+# --- the expected answers, from the rows the dataset was written from -------------------------
+
+def check_defect_rate_per_night(rows: list[dict], scores: ScoresDataset) -> None:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in scores.rows:
+        groups[row["category"], row["run_date"]].append(row)
+    expected = []
+    for (category, run_date), members in sorted(groups.items()):
+        scored = [m for m in members if m["error"] is None]
+        anomalous = sum(m["is_anomalous"] for m in scored)
+        expected.append({
+            "category": category, "run_date": run_date, "n_images": len(members), "n_scored": len(scored),
+            "n_anomalous": anomalous, "n_errors": len(members) - len(scored),
+            "defect_rate": pytest.approx(anomalous / len(scored)),
+        })
+    assert rows == expected
+
+
+def check_top_anomalous(rows: list[dict], scores: ScoresDataset) -> None:
+    expected = sorted(scores.scored(), key=lambda r: (-r["image_score"], -r["max_neg_log10_nfa"], r["image_uri"]))[:50]
+    assert [r["image_uri"] for r in rows] == [r["image_uri"] for r in expected]
+    assert [r["image_score"] for r in rows] == pytest.approx([r["image_score"] for r in expected])
+    assert [(r["category"], r["run_date"], r["defect_area_px"]) for r in rows] == [
+        (r["category"], r["run_date"], r["defect_area_px"]) for r in expected
+    ]
+    assert "mask_png" not in rows[0]
+
+
+def check_defect_area_distribution(rows: list[dict], scores: ScoresDataset) -> None:
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for row in scores.scored():
+        if row["is_anomalous"]:
+            by_category[row["category"]].append(row)
+    assert [r["category"] for r in rows] == sorted(by_category)
+    for result in rows:
+        members = by_category[result["category"]]
+        areas = np.array([m["defect_area_px"] for m in members], dtype=float)
+        assert result["n_anomalous"] == len(members)
+        assert (result["min_px"], result["max_px"]) == (areas.min(), areas.max())
+        for column, q in [("p25_px", 25), ("median_px", 50), ("p75_px", 75), ("p95_px", 95)]:
+            assert result[column] == pytest.approx(np.percentile(areas, q)), column
+        assert result["mean_area_fraction"] == pytest.approx(np.mean([m["defect_area_fraction"] for m in members]), rel=1e-5)
+        assert result["mean_regions"] == pytest.approx(np.mean([m["n_regions"] for m in members]))
+
+
+def check_errored_images(rows: list[dict], scores: ScoresDataset) -> None:
+    errored = [r for r in scores.rows if r["error"] is not None]
+    errored.sort(key=lambda r: (r["category"], r["error"], r["image_uri"]))
+    errored.sort(key=lambda r: r["run_date"], reverse=True)  # stable: newest night first
+    assert [(r["category"], r["run_date"], r["image_uri"], r["error"], r["error_message"]) for r in rows] == [
+        (r["category"], r["run_date"], r["image_uri"], r["error"], r["error_message"]) for r in errored
+    ]
+
+
+def check_error_counts(rows: list[dict], scores: ScoresDataset) -> None:
+    expected = Counter((r["category"], r["run_date"], r["error"]) for r in scores.rows if r["error"] is not None)
+    assert [(r["category"], r["run_date"], r["error"]) for r in rows] == sorted(expected)
+    assert {(r["category"], r["run_date"], r["error"]): r["n_images"] for r in rows} == dict(expected)
+
+
+def check_defect_regions(rows: list[dict], scores: ScoresDataset) -> None:
+    scored = scores.scored()
+    assert len(rows) == sum(r["n_regions"] for r in scored)
+    area_per_image = Counter()
+    for region in rows:
+        area_per_image[region["image_uri"]] += region["area_px"]
+        assert 0 <= region["x0"] < region["x1"] and 0 <= region["y0"] < region["y1"]
+    assert area_per_image == Counter({r["image_uri"]: r["defect_area_px"] for r in scored if r["defect_area_px"]})
+    assert [r["area_px"] for r in rows] == sorted((r["area_px"] for r in rows), reverse=True)
+
+
+CHECKS: dict[str, Callable[[list[dict], ScoresDataset], None]] = {
+    "defect_rate_per_night": check_defect_rate_per_night,
+    "top_anomalous": check_top_anomalous,
+    "defect_area_distribution": check_defect_area_distribution,
+    "errored_images": check_errored_images,
+    "error_counts": check_error_counts,
+    "defect_regions": check_defect_regions,
+}
+
+
+def test_every_shipped_query_has_a_check_and_a_pandas_and_polars_twin():
+    assert analysts.query_names() == sorted(CHECKS)
+    source = {flavour: (QUERIES / f"{flavour}_examples.py").read_text() for flavour in ("pandas", "polars")}
+    for name in CHECKS:
+        for flavour, text in source.items():
+            assert f"def {name}(root: str" in text, (flavour, name)
+
+
+# --- DuckDB, pandas, Polars on a local root ---------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_duckdb_query_file_gives_the_expected_answer(name, scores):
+    CHECKS[name](records(analysts.run_query(name, str(scores.root))), scores)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_pandas_example_gives_the_expected_answer(name, scores):
+    examples = load_examples("pandas_examples")
+    CHECKS[name](records(getattr(examples, name)(str(scores.root))), scores)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_polars_example_gives_the_expected_answer(name, scores):
+    pytest.importorskip("polars", reason="polars is optional for analysts")
+    examples = load_examples("polars_examples")
+    CHECKS[name](records(getattr(examples, name)(str(scores.root))), scores)
+
+
+def test_run_query_accepts_a_trailing_slash_and_a_connection_of_ones_own(scores):
+    with analysts.duckdb_connect() as connection:
+        result = analysts.run_query("error_counts", str(scores.root) + "/", connection=connection)
+        assert connection.sql("SELECT 42").fetchone() == (42,), "a caller's connection stays open"
+    check_error_counts(records(result), scores)
+
+
+def test_query_text_fills_in_the_root_and_quotes_it_for_sql():
+    sql = analysts.query_text("error_counts", "s3://bucket/it's/scores/")
+    assert "read_parquet('s3://bucket/it''s/scores/**/*.parquet'" in sql
+    assert "{root}" not in sql
+
+
+def test_an_unknown_query_name_lists_the_known_ones():
+    with pytest.raises(KeyError, match="defect_rate_per_night"):
+        analysts.query_text("defect_rates", "/data")
+
+
+# --- the S3 connection -----------------------------------------------------------------------
+
+def test_a_local_connection_needs_no_httpfs_and_no_secret():
+    with analysts.duckdb_connect() as connection:
+        assert connection.sql("SELECT count(*) FROM duckdb_secrets()").fetchone() == (0,)
+
+
+def test_an_s3_connection_keeps_credentials_in_a_redacted_temporary_secret(monkeypatch, caplog):
+    if analysts.extension_directory() is None:
+        pytest.skip("duckdb-ext-httpfs is not installed (pip install 'uflow-batch[analysts]')")
+    key, secret = "AKIA" + uuid.uuid4().hex[:12], "s3cr3t-" + uuid.uuid4().hex
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    with analysts.duckdb_connect("http://127.0.0.1:9") as connection:
+        name, kind, persistent, shown = connection.sql(
+            "SELECT name, type, persistent, secret_string FROM duckdb_secrets()"
+        ).fetchone()
+    assert (name, kind, persistent) == (analysts.SECRET_NAME, "s3", False)
+    assert "endpoint=127.0.0.1:9" in shown and "use_ssl=false" in shown and "url_style=path" in shown
+    assert secret not in shown, "DuckDB redacts the secret"
+    assert secret not in caplog.text and key not in caplog.text
+
+
+# --- straight on s3:// (the project's SeaweedFS fixture) -------------------------------------
+
+@pytest.fixture
+def s3_scores(scores, s3_bucket_url) -> str:
+    return upload(scores.root, f"{s3_bucket_url}/scores")
+
+
+@pytest.mark.parametrize("flavour", ["duckdb", "pandas", "polars"])
+def test_every_query_runs_straight_on_s3(flavour, scores, s3_scores):
+    """The same files and functions, with root = an s3:// URL and credentials from the environment."""
+    if flavour == "duckdb":
+        if analysts.extension_directory() is None:
+            pytest.skip("duckdb-ext-httpfs is not installed (pip install 'uflow-batch[analysts]')")
+        with analysts.duckdb_connect() as connection:
+            results = {name: analysts.run_query(name, s3_scores, connection=connection) for name in CHECKS}
+    else:
+        if flavour == "polars":
+            pytest.importorskip("polars", reason="polars is optional for analysts")
+        examples = load_examples(f"{flavour}_examples")
+        results = {name: getattr(examples, name)(s3_scores) for name in CHECKS}
+    for name, result in results.items():
+        try:
+            CHECKS[name](records(result), scores)
+        except AssertionError as failure:
+            raise AssertionError(f"{flavour} {name} on s3: {failure}") from None

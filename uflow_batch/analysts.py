@@ -1,0 +1,166 @@
+"""DuckDB for analysts: a connection that reads the scores locally or on S3, and the shipped queries.
+
+The queries in ``docs/queries/*.sql`` are the documented, tested way to ask
+the common questions (defect rate per night, top anomalies, errors...). They
+name the dataset as ``{root}``, so the very same file runs on a local
+directory and on an ``s3://`` prefix: :func:`run_query` fills it in.
+
+S3 access goes through DuckDB's ``httpfs`` extension, taken from the PyPI
+package ``duckdb-ext-httpfs`` (DuckDB's own ``INSTALL httpfs`` downloads it,
+which offline machines cannot do). Credentials come from the standard AWS
+environment variables and live only in an in-memory (temporary) DuckDB
+secret: they are never logged, printed or written to disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import duckdb
+import pyarrow as pa
+
+from .storage import redact
+
+log = logging.getLogger(__name__)
+
+QUERIES_DIR = Path(__file__).resolve().parent.parent / "docs" / "queries"
+ROOT_PLACEHOLDER = "{root}"
+SECRET_NAME = "uflow_batch_s3"
+
+
+def extension_directory() -> str | None:
+    """Where ``duckdb-ext-httpfs`` put its signed extensions, or None if it is not installed."""
+    try:
+        import duckdb_ext
+    except ImportError:
+        return None
+    for base in getattr(duckdb_ext, "__path__", []):
+        candidate = Path(base) / "extensions"
+        if candidate.is_dir():
+            return str(candidate)
+    return None
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _endpoint(s3_endpoint: str | None) -> tuple[str | None, bool]:
+    """(host[:port], use_ssl) from an endpoint URL or bare host; None means AWS itself."""
+    endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None, True
+    if "://" not in endpoint:
+        return endpoint.rstrip("/"), True
+    parts = urlsplit(endpoint)
+    return parts.netloc, parts.scheme == "https"
+
+
+def duckdb_connect(
+    s3_endpoint: str | None = None,
+    *,
+    url_style: str | None = None,
+    use_ssl: bool | None = None,
+    database: str = ":memory:",
+) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that can ``read_parquet`` local paths and ``s3://`` URLs.
+
+    ``s3_endpoint`` (``http://127.0.0.1:8333``, or a bare ``host:port``) points
+    at an S3-compatible server; by default ``AWS_ENDPOINT_URL_S3`` /
+    ``AWS_ENDPOINT_URL``, and AWS itself when neither is set. ``url_style``
+    defaults to "path" with an endpoint (SeaweedFS, MinIO) and "vhost" for
+    AWS. ``use_ssl`` defaults to the endpoint's scheme (https unless it says http).
+
+    Keys are read from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
+    (optionally ``AWS_SESSION_TOKEN``) and the region from ``AWS_REGION`` /
+    ``AWS_DEFAULT_REGION`` (default us-east-1). Without keys and without an
+    endpoint, the connection is a plain local one and httpfs is not needed.
+    """
+    extensions = extension_directory()
+    config: dict[str, object] = {"autoinstall_known_extensions": False}
+    if extensions:
+        config["extension_directory"] = extensions
+    connection = duckdb.connect(database, config=config)
+    endpoint, endpoint_ssl = _endpoint(s3_endpoint)
+    key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if endpoint is None and not (key_id and secret):
+        return connection
+    try:
+        connection.execute("LOAD httpfs")
+    except duckdb.Error as exc:
+        connection.close()
+        raise RuntimeError(
+            "reading s3:// needs DuckDB's httpfs extension: pip install 'uflow-batch[analysts]' "
+            f"(duckdb-ext-httpfs matching duckdb {duckdb.__version__}); DuckDB said: {redact(str(exc))}"
+        ) from None
+    options = {
+        "TYPE": "s3",
+        "REGION": _sql_string(os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"),
+        "URL_STYLE": _sql_string(url_style or ("path" if endpoint is not None else "vhost")),
+    }
+    if key_id and secret:
+        options["KEY_ID"] = _sql_string(key_id)
+        options["SECRET"] = _sql_string(secret)
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            options["SESSION_TOKEN"] = _sql_string(os.environ["AWS_SESSION_TOKEN"])
+    if endpoint is not None:
+        options["ENDPOINT"] = _sql_string(endpoint)
+        options["USE_SSL"] = "true" if (endpoint_ssl if use_ssl is None else use_ssl) else "false"
+    statement = f"CREATE OR REPLACE TEMPORARY SECRET {SECRET_NAME} (" + ", ".join(f"{k} {v}" for k, v in options.items()) + ")"
+    try:
+        connection.execute(statement)
+    except duckdb.Error as exc:
+        connection.close()
+        raise RuntimeError(f"could not configure S3 access for DuckDB: {redact(str(exc))}") from None
+    log.debug("duckdb: S3 access via %s", endpoint or "AWS")
+    return connection
+
+
+# --- the shipped queries ---------------------------------------------------------------------
+
+def _queries_dir(queries_dir: str | Path | None) -> Path:
+    directory = Path(queries_dir) if queries_dir is not None else QUERIES_DIR
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"query directory {directory} not found; the queries ship in the source tree's docs/queries "
+            "(pass queries_dir= when the package is installed elsewhere)"
+        )
+    return directory
+
+
+def query_names(queries_dir: str | Path | None = None) -> list[str]:
+    """Names of the shipped queries (file names without ``.sql``)."""
+    return sorted(path.stem for path in _queries_dir(queries_dir).glob("*.sql"))
+
+
+def query_text(name: str, root: str, queries_dir: str | Path | None = None) -> str:
+    """The SQL of query ``name`` with ``{root}`` replaced by the dataset root (path or s3:// URL)."""
+    path = _queries_dir(queries_dir) / f"{name}.sql"
+    if not path.is_file():
+        raise KeyError(f"no query named {name!r}; known: {', '.join(query_names(queries_dir))}")
+    root = str(root).rstrip("/")
+    return path.read_text(encoding="utf-8").replace(ROOT_PLACEHOLDER, root.replace("'", "''"))
+
+
+def run_query(
+    name: str,
+    root: str,
+    connection: duckdb.DuckDBPyConnection | None = None,
+    queries_dir: str | Path | None = None,
+) -> pa.Table:
+    """Run a shipped query on the dataset at ``root`` and return its result as an Arrow table.
+
+    Without ``connection``, one from :func:`duckdb_connect` is opened for the
+    call (S3 settings from the environment) and closed afterwards.
+    """
+    sql = query_text(name, root, queries_dir)
+    own = connection is None
+    connection = connection or duckdb_connect()
+    try:
+        return connection.sql(sql).fetch_arrow_table()
+    finally:
+        if own:
+            connection.close()
