@@ -507,9 +507,9 @@ def render_sample(category: str, defect: str = GOOD, *, seed: int | Sequence[int
 
 # --- encoding --------------------------------------------------------------------------------
 
-def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buffer, format="PNG", compress_level=1)
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
