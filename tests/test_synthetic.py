@@ -40,6 +40,11 @@ def archive(tmp_path_factory: pytest.TempPathFactory):
     return write_scoring_archive(str(root), TINY, n_per_category=4, defect_rate=0.5)
 
 
+def _mode(path: str | Path) -> str:
+    with Image.open(path) as image:
+        return image.mode
+
+
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -74,13 +79,14 @@ def test_every_defective_test_image_has_a_same_size_non_empty_mask(tiny_dataset:
             if item.is_anomalous:
                 mask = data.load_mask(storage.read_bytes(item.mask_url))
                 assert mask.shape == image.shape[:2] and mask.any()
-                assert set(np.unique(np.asarray(Image.open(item.mask_url)))) <= {0, 255}
+                with Image.open(item.mask_url) as stored:
+                    assert set(np.unique(np.asarray(stored))) <= {0, 255}
 
 
 def test_grayscale_and_rgb_categories_are_written_as_such(tiny_dataset: Path) -> None:
-    assert Image.open(tiny_dataset / "brushed_metal/train/good/000.png").mode == "L"
-    assert Image.open(tiny_dataset / "fabric/train/good/000.png").mode == "RGB"
-    assert Image.open(tiny_dataset / "washer/test/chip/000.png").mode == "RGB"
+    assert _mode(tiny_dataset / "brushed_metal/train/good/000.png") == "L"
+    assert _mode(tiny_dataset / "fabric/train/good/000.png") == "RGB"
+    assert _mode(tiny_dataset / "washer/test/chip/000.png") == "RGB"
 
 
 @pytest.mark.parametrize("category", CATEGORIES)
@@ -153,9 +159,9 @@ def test_archive_scorable_files_decode_to_uint8_rgb(archive) -> None:
 def test_archive_odd_encodings_decode_to_the_pixels_they_encode(archive) -> None:
     odd = {f.kind: f for f in archive.files if f.kind in ("gray16", "palette", "rgba")}
     assert set(odd) == {"gray16", "palette", "rgba"} and all(f.expected == SCORED for f in odd.values())
-    assert Image.open(odd["gray16"].url).mode.startswith("I")
-    assert Image.open(odd["palette"].url).mode == "P"
-    assert Image.open(odd["rgba"].url).mode == "RGBA"
+    assert _mode(odd["gray16"].url).startswith("I")
+    assert _mode(odd["palette"].url) == "P"
+    assert _mode(odd["rgba"].url) == "RGBA"
     gray16, palette = (data.decode_image(storage.read_bytes(odd[k].url)) for k in ("gray16", "palette"))
     np.testing.assert_array_equal(gray16, palette)  # both encode the same grayscale render
 
