@@ -86,7 +86,7 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "P":
         image = image.convert("RGBA")
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def resize_to_model(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

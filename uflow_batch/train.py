@@ -45,6 +45,7 @@ class TrainingReport:
     n_val: int
     skipped_images: list[str] = field(default_factory=list)
     epochs: int = 0
+    initial_val_loss: float = math.inf
     best_epoch: int = 0
     best_val_loss: float = math.inf
     best_val_nll_per_dim: float = math.inf
@@ -149,6 +150,7 @@ def fit_flow(
     n = len(train_features[0])
     latent_dims = sum(c * h * w for c, h, w in flow.latent_shapes)
     best_state, since_best = None, 0
+    report.initial_val_loss = _mean_loss(detector, val_features, config.batch_size)
     for epoch in range(config.max_epochs):
         flow.train()
         epoch_loss = 0.0

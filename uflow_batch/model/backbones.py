@@ -59,13 +59,13 @@ class FeatureExtractor(nn.Module):
 
 
 class TimmCNNExtractor(FeatureExtractor):
-    """A timm convolutional network cut at a few stages."""
+    """A timm convolutional network cut at a few stages (timm's ``features_only``)."""
 
-    def __init__(self, model: nn.Module, out_indices: tuple[int, ...]) -> None:
+    def __init__(self, body: nn.Module) -> None:
         super().__init__()
-        self.body = timm.models.FeatureListNet(model, out_indices=out_indices, flatten_sequential=True)
-        self.channels = tuple(self.body.feature_info.channels())
-        self.strides = tuple(self.body.feature_info.reduction())
+        self.body = body
+        self.channels = tuple(body.feature_info.channels())
+        self.strides = tuple(body.feature_info.reduction())
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(images))
@@ -172,12 +172,32 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
         raise BackboneWeightsError(f"weights from {source} do not fit {type(model).__name__}: {exc}") from exc
 
 
+def features_from_state(model_name: str, out_indices: tuple[int, ...], state_dict: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """A ``features_only`` timm model holding weights given for the *whole* network.
+
+    The weights are first loaded strictly into the full network, so a file for
+    another architecture or a partial file is refused; the feature model then
+    takes every tensor it has (it only lacks the classifier head).
+    """
+    full = timm.create_model(model_name, pretrained=False)
+    load_strict(full, state_dict, source)
+    body = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=out_indices)
+    missing, _ = body.load_state_dict(full.state_dict(), strict=False)
+    if missing:
+        raise BackboneWeightsError(f"feature model of {model_name} lacks weights for {missing[:5]}")
+    return body
+
+
 def create_timm_model(model_name: str, config: BackboneConfig, **kwargs) -> nn.Module:
     """A timm model with weights from ``config.weights`` or, failing that, timm's hub."""
     if config.weights:
         model = timm.create_model(model_name, pretrained=False, **kwargs)
         load_strict(model, read_weights_file(config.weights), config.weights)
         return model
+    return hub_model(model_name, **kwargs)
+
+
+def hub_model(model_name: str, **kwargs) -> nn.Module:
     try:
         return timm.create_model(model_name, pretrained=True, **kwargs)
     except Exception as exc:  # no network, no cache, gated hub...
@@ -240,22 +260,28 @@ def rekey_efficientnet_pytorch(state_dict: dict[str, torch.Tensor], model: nn.Mo
 
 
 def build_lite0(config: BackboneConfig) -> FeatureExtractor:
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    out_indices = config.layers or (2, 3, 4)
     if config.weights:
-        load_strict(model, read_weights_file(config.weights), config.weights)
+        state, source = read_weights_file(config.weights), config.weights
     else:
         path = packaged_lite0_file()
         checksum = file_sha256(path)
         if checksum != LITE0_PACKAGE_SHA256:
             raise BackboneWeightsError(f"{path} has sha256 {checksum}, expected the published {LITE0_PACKAGE_SHA256}")
         raw = torch.load(path, map_location="cpu", weights_only=True)
-        load_strict(model, rekey_efficientnet_pytorch(raw, model), str(path))
-    return TimmCNNExtractor(model, out_indices=config.layers or (2, 3, 4))
+        skeleton = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        state, source = rekey_efficientnet_pytorch(raw, skeleton), str(path)
+    return TimmCNNExtractor(features_from_state("tf_efficientnet_lite0", out_indices, state, source))
 
 
 def _timm_cnn_builder(model_name: str, out_indices: tuple[int, ...]) -> Callable[[BackboneConfig], FeatureExtractor]:
     def build(config: BackboneConfig) -> FeatureExtractor:
-        return TimmCNNExtractor(create_timm_model(model_name, config), out_indices=config.layers or out_indices)
+        indices = config.layers or out_indices
+        if config.weights:
+            body = features_from_state(model_name, indices, read_weights_file(config.weights), config.weights)
+        else:
+            body = hub_model(model_name, features_only=True, out_indices=indices)
+        return TimmCNNExtractor(body)
 
     return build
 

@@ -133,7 +133,8 @@ def named_modules_of(graph: ff.GraphINN) -> nn.ModuleDict:
     GraphINN lists its modules in a topological order that changes from one
     process to the next, so its own state-dict keys are not stable; node names are.
     """
-    return nn.ModuleDict({node.name: node.module for node in graph.node_list if node.module is not None})
+    modules = {node.name: node.module for node in graph.node_list if node.module is not None}
+    return nn.ModuleDict(sorted(modules.items()))
 
 
 class UFlow(nn.Module):

@@ -1,0 +1,106 @@
+"""Decoding what cameras and archives produce, and finding the MVTec layout."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared_data import MTD, require_mtd
+from uflow_batch import data
+
+
+def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG", **save)
+    return buffer.getvalue()
+
+
+def test_grayscale_rgba_and_palette_images_become_rgb():
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    rgb = data.decode_image(png(gray))
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[..., 0], gray) and np.array_equal(rgb[..., 2], gray)
+
+    rgba = np.dstack([np.full((4, 4, 3), 200, np.uint8), np.zeros((4, 4), np.uint8)])
+    assert np.all(data.decode_image(png(rgba)) == 200), "alpha is dropped, colour kept"
+
+    palette = Image.fromarray(np.full((4, 4, 3), (10, 20, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG")
+    assert tuple(data.decode_image(buffer.getvalue())[0, 0]) == (10, 20, 30)
+
+
+def test_16_bit_images_are_scaled_not_clipped():
+    values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    decoded = data.decode_image(png(values))
+    assert list(decoded[0, :, 0]) == [0, 100, 255]
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"", "empty"),
+        (b"this is not an image at all", "not a recognized image"),
+        (png(np.zeros((64, 64), np.uint8))[:-40], "corrupt or truncated"),
+    ],
+)
+def test_unusable_bytes_raise_a_decode_error_that_says_why(payload, message):
+    with pytest.raises(data.ImageDecodeError, match=message):
+        data.decode_image(payload)
+
+
+def test_truncated_jpeg_is_refused():
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buffer, format="JPEG")
+    with pytest.raises(data.ImageDecodeError, match="truncated"):
+        data.decode_image(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header declaring a huge image, a few hundred bytes on disk."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding():
+    with pytest.raises(data.ImageDecodeError, match="decompression bomb"):
+        data.decode_image(bomb_png(30000, 30000))
+    with pytest.raises(data.ImageDecodeError, match="MP limit"):
+        data.decode_image(bomb_png(9000, 9000))
+    with pytest.raises(data.ImageDecodeError, match="MP limit"):
+        data.decode_image(png(np.zeros((100, 100), np.uint8)), max_pixels=5000)
+
+
+def test_resize_to_model_keeps_uint8_channels_first():
+    image = np.zeros((231, 105, 3), np.uint8)
+    out = data.resize_to_model(image, (64, 96))
+    assert out.shape == (3, 64, 96) and out.dtype.is_floating_point is False
+
+
+def test_mvtec_layout_is_discovered_with_masks():
+    root = str(require_mtd())
+    assert data.discover_categories(root) == ["tile_exp1", "tile_exp2", "tile_exp3"]
+    assert len(data.train_images(root, "tile_exp1")) == 100
+    items = data.test_images(root, "tile_exp1")
+    defects = {i.defect for i in items}
+    assert defects == {"good", "blowhole", "crack"}
+    assert all((i.mask_url is not None) == i.is_anomalous for i in items)
+    image = data.decode_image((MTD / "tile_exp1" / "test" / "crack").glob("*.png").__next__().read_bytes())
+    assert image.ndim == 3
+
+
+def test_a_category_without_training_images_is_a_clear_error(tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(data.DatasetLayoutError, match="no category"):
+        data.discover_categories(str(tmp_path))
+    (tmp_path / "part" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(data.DatasetLayoutError, match="holds no images"):
+        data.train_images(str(tmp_path), "part")
+    with pytest.raises(data.DatasetLayoutError, match="does not exist"):
+        data.discover_categories(str(tmp_path / "missing"))

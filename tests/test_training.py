@@ -1,0 +1,121 @@
+"""Training one category: cached features, held-out validation, a self-describing model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shared_data import make_tiny_mvtec
+from uflow_batch import data
+from uflow_batch.config import BackboneConfig, DetectorConfig, TrainConfig
+from uflow_batch.model.detector import MANIFEST_FILE, WEIGHTS_FILE, ModelFormatError, UFlowDetector, negative_log_likelihood
+from uflow_batch.train import (
+    TrainingDiverged,
+    TrainingError,
+    TrainingReport,
+    fit_flow,
+    split_indices,
+    train_category,
+)
+
+SMALL = DetectorConfig(backbone=BackboneConfig(input_size=(64, 64)))
+QUICK = TrainConfig(max_epochs=3, batch_size=4, patience=5, warmup_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return make_tiny_mvtec(tmp_path_factory.mktemp("mtd"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    report = train_category(str(tiny_root), "tile_exp1", out, SMALL, QUICK)
+    return out, report
+
+
+def test_training_writes_weights_and_a_self_describing_manifest(trained):
+    out, report = trained
+    assert (out / WEIGHTS_FILE).is_file()
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["category"] == "tile_exp1"
+    assert manifest["config"]["backbone"]["input_size"] == [64, 64]
+    assert manifest["config"]["backbone"]["name"] == "lite0"
+    assert manifest["config"]["nfa"] == {"p": 0.9, "windows": [5, 3], "epsilon": 1.0}
+    assert len(manifest["backbone_sha256"]) == 64
+    assert manifest["training"]["n_train"] + manifest["training"]["n_val"] == 12
+    assert len(manifest["training"]["data_fingerprint"]) == 64
+    assert manifest["package_version"]
+    assert report.epochs == 3 and 1 <= report.best_epoch <= 3
+    assert np.isfinite(report.best_val_loss) and np.isfinite(report.fair_threshold)
+
+
+def test_a_loaded_model_scores_exactly_like_the_trained_one(trained, tiny_root):
+    out, _ = trained
+    first, second = UFlowDetector.load(out), UFlowDetector.load(out)
+    image = data.resize_to_model(data.decode_image(next((tiny_root / "tile_exp1/test/crack").glob("*.png")).read_bytes()), (64, 64))
+    a, b = first.score_maps(image[None]), second.score_maps(image[None])
+    assert torch.equal(a.anomaly, b.anomaly) and torch.equal(a.neg_log10_nfa, b.neg_log10_nfa)
+
+
+def test_loading_refuses_a_model_trained_on_other_backbone_weights(trained, tmp_path):
+    out, _ = trained
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["backbone_sha256"] = "0" * 64
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (tmp_path / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ModelFormatError, match="backbone"):
+        UFlowDetector.load(tmp_path)
+    with pytest.raises(ModelFormatError, match="no manifest.json"):
+        UFlowDetector.load(tmp_path / "nowhere")
+
+
+def test_validation_images_are_held_out_of_training():
+    train, val = split_indices(100, 0.15, seed=0)
+    assert len(val) == 15 and len(train) == 85
+    assert not set(train) & set(val)
+    assert np.array_equal(split_indices(100, 0.15, seed=0)[1], val), "the split is seeded"
+    assert len(split_indices(2, 0.15, seed=0)[1]) == 1, "at least one validation image"
+
+
+def test_loss_is_a_mean_over_images_not_a_sum():
+    latents = [torch.randn(1, 3, 4, 4)]
+    log_det = torch.tensor([2.0])
+    single = negative_log_likelihood(latents, log_det)
+    doubled = negative_log_likelihood([torch.cat([latents[0]] * 2)], log_det.repeat(2))
+    assert doubled.item() == pytest.approx(single.item())
+    assert single.item() == pytest.approx(0.5 * latents[0].pow(2).sum().item() - 2.0)
+
+
+def test_training_improves_the_validation_likelihood(trained):
+    _, report = trained
+    assert report.best_val_loss < report.initial_val_loss
+
+
+def test_a_nan_loss_is_reported_not_trained_through():
+    detector = UFlowDetector(SMALL)
+    features = [torch.randn(4, *s) for s in detector.flow.feature_shapes]
+    features[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="epoch 1"):
+        fit_flow(detector, features, [f.clone() for f in features], QUICK, TrainingReport("x", 4, 4))
+
+
+def test_a_corrupt_training_image_is_named_or_skipped_and_counted(tiny_root, tmp_path):
+    root = make_tiny_mvtec(tmp_path / "data", n_train=4, n_good=1, n_per_defect=1)
+    bad = root / "tile_exp1" / "train" / "good" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(TrainingError, match="broken.png"):
+        train_category(str(root), "tile_exp1", tmp_path / "m1", SMALL, QUICK)
+    report = train_category(str(root), "tile_exp1", tmp_path / "m2", SMALL, TrainConfig(max_epochs=1, skip_corrupt=True))
+    assert report.skipped_images == [str(bad)]
+    manifest = json.loads((tmp_path / "m2" / MANIFEST_FILE).read_text())
+    assert manifest["training"]["skipped_images"] == [str(bad)]
+
+
+def test_a_category_without_training_images_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(data.DatasetLayoutError, match="train/good"):
+        train_category(str(tmp_path), "empty", tmp_path / "m", SMALL, QUICK)
+    with pytest.raises(data.DatasetLayoutError):
+        train_category(str(tmp_path), "missing", tmp_path / "m", SMALL, QUICK)

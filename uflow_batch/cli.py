@@ -1,0 +1,207 @@
+"""The ``uflow-batch`` command line: parse, call one function, print.
+
+Exit codes: 0 success; 1 the work ran but something failed (a category did
+not train, images errored where that is fatal); 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from .config import BackboneConfig, ConfigError, DetectorConfig, FlowConfig, NFAConfig, TrainConfig
+from .model.backbones import available_backbones
+
+log = logging.getLogger("uflow_batch")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(v) for v in text.split(",")) if text else None
+
+
+def detector_options(command):
+    """Options that define a detector's architecture (recorded in its manifest)."""
+    options = [
+        click.option("--backbone", default="lite0", show_default=True,
+                     help=f"Frozen feature extractor: {', '.join(available_backbones())}."),
+        click.option("--input-size", default="256,256", show_default=True,
+                     help="Model input HEIGHT,WIDTH (multiples of 32); images of any size are resized to it."),
+        click.option("--backbone-weights", default=None,
+                     help="Local weights file (or directory, for mcait) for backbones whose weights are not packaged."),
+        click.option("--layers", default=None, help="Backbone stages to use, e.g. 1,2,3 (default: the backbone's own)."),
+        click.option("--steps-per-stage", default=4, show_default=True, help="Glow-style flow steps per scale."),
+        click.option("--nfa-windows", default="5,3", show_default=True,
+                     help="NFA block side per scale, finest first; the number of entries is the number of scales tested."),
+        click.option("--nfa-p", default=0.9, show_default=True, help="Chi-square(1) quantile level defining candidates."),
+        click.option("--epsilon", default=1.0, show_default=True,
+                     help="NFA threshold: expected false detections per image tolerated."),
+        click.option("--image-score", type=click.Choice(["anomaly_max", "nfa_max"]), default="anomaly_max",
+                     show_default=True, help="Image score: max of the anomaly map, or max -log10 NFA."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def training_options(command):
+    options = [
+        click.option("--epochs", "max_epochs", default=200, show_default=True, help="Maximum epochs (early stopping may end sooner)."),
+        click.option("--batch-size", default=16, show_default=True),
+        click.option("--lr", "learning_rate", default=1e-3, show_default=True, help="Adam learning rate (peak of the schedule)."),
+        click.option("--patience", default=25, show_default=True, help="Epochs without validation improvement before stopping."),
+        click.option("--val-fraction", default=0.15, show_default=True, help="Share of train/good held out for validation."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."),
+        click.option("--skip-corrupt", is_flag=True, help="Skip unreadable training images (counted in the manifest) instead of failing."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_detector_config(backbone, input_size, backbone_weights, layers, steps_per_stage, nfa_windows, nfa_p, epsilon, image_score) -> DetectorConfig:
+    return DetectorConfig(
+        backbone=BackboneConfig(name=backbone, input_size=_ints(input_size), weights=backbone_weights, layers=_ints(layers)),
+        flow=FlowConfig(steps_per_stage=steps_per_stage),
+        nfa=NFAConfig(p=nfa_p, windows=_ints(nfa_windows), epsilon=epsilon),
+        image_score=image_score,
+    )
+
+
+class _EpochBar:
+    """tqdm over epochs showing the losses; closes itself at the end."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.bar = tqdm(total=total, desc=label, unit="epoch", leave=True, file=sys.stderr)
+
+    def __call__(self, epoch: int, train_loss: float, val_loss: float) -> None:
+        self.bar.update(epoch - self.bar.n)
+        self.bar.set_postfix(train=f"{train_loss:.0f}", val=f"{val_loss:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("-v", "--verbose", count=True, help="-v for progress logs, -vv for debug.")
+def main(verbose: int) -> None:
+    """Train U-Flow anomaly detectors per product category and score image archives at scale."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--data", required=True, help="Dataset root (MVTec AD layout): local path or s3://, gs:// URL.")
+@click.option("--category", required=True, help="Category folder under --data.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Local directory for the trained model.")
+@detector_options
+@training_options
+def train(data, category, out, **options) -> None:
+    """Train one category's detector on its train/good images."""
+    from .train import train_category
+
+    detector_config, train_config = _split_configs(options)
+    bar = _EpochBar(train_config.max_epochs, category)
+    try:
+        report = train_category(data, category, out, detector_config, train_config, on_epoch=bar)
+    finally:
+        bar.close()
+    click.echo(
+        f"{category}: {report.epochs} epochs (best {report.best_epoch}), validation NLL/dim {report.best_val_nll_per_dim:.4f}, "
+        f"features {report.feature_seconds:.1f}s + fit {report.fit_seconds:.1f}s on {report.device}; "
+        f"{report.n_train} train / {report.n_val} validation images, {len(report.skipped_images)} skipped -> {out}"
+    )
+
+
+def _split_configs(options: dict) -> tuple[DetectorConfig, TrainConfig]:
+    detector_keys = ("backbone", "input_size", "backbone_weights", "layers", "steps_per_stage", "nfa_windows", "nfa_p", "epsilon", "image_score")
+    detector_config = build_detector_config(**{k: options.pop(k) for k in detector_keys})
+    return detector_config, TrainConfig(**options)
+
+
+EVALUATION_COLUMNS = [
+    ("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"),
+    ("iou_nfa", "IoU NFA"), ("iou_oracle", "IoU oracle"), ("iou_fair", "IoU fair"),
+    ("image_auroc_nfa", "img AUROC (NFA)"), ("ms_per_image", "ms/img"),
+]
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]], first: tuple[str, str] = ("category", "category")) -> str:
+    """A plain-text table; floats with 3 decimals."""
+    columns = [first, *columns]
+    cells = [[label for _, label in columns]]
+    for row in rows:
+        cells.append([f"{row[key]:.3f}" if isinstance(row[key], float) else str(row[key]) for key, _ in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--data", required=True, help="Dataset root (MVTec AD layout) holding the category's test split.")
+@click.option("--model", "models", required=True, multiple=True, help="Model directory; repeat for several categories.")
+@click.option("--category", default=None, help="Category to evaluate (default: the one recorded in the model).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
+def evaluate(data, models, category, device, batch_size, json_out) -> None:
+    """Image/pixel AUROC, AUPRO and mask IoU (NFA, oracle, fair) on the test split."""
+    from .evaluate import evaluate_detector
+    from .model.detector import UFlowDetector
+    from .train import resolve_device
+
+    rows = []
+    for model_dir in models:
+        detector = UFlowDetector.load(model_dir, device=resolve_device(device))
+        name = category or detector.manifest.get("category")
+        if not name:
+            raise click.UsageError(f"{model_dir} records no category; pass --category")
+        with tqdm(desc=f"evaluate {name}", unit="img", file=sys.stderr) as bar:
+            report = evaluate_detector(detector, data, name, batch_size=batch_size, on_image=bar.update)
+        rows.append(report.as_dict())
+    if len(rows) > 1:
+        mean = {key: sum(r[key] for r in rows) / len(rows) for key, _ in EVALUATION_COLUMNS}
+        rows.append({"category": "mean", **mean})
+    click.echo(format_table(rows, EVALUATION_COLUMNS))
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=2))
+
+
+@main.command("backbones")
+def list_backbones() -> None:
+    """List the registered backbones."""
+    from .model.backbones import backbone_spec
+
+    for name in available_backbones():
+        click.echo(f"{name:18s} {backbone_spec(name).description}")
+
+
+def run() -> None:
+    """Entry point with errors mapped to exit codes and short messages."""
+    from .storage import redact
+
+    try:
+        code = main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except ConfigError as exc:
+        click.echo(f"configuration error: {redact(str(exc))}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: a message, not a traceback
+        log.debug("failure", exc_info=True)
+        click.echo(f"error: {type(exc).__name__}: {redact(str(exc))}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
