@@ -159,6 +159,13 @@ def test_every_shipped_query_has_a_check_and_a_pandas_and_polars_twin():
             assert f"def {name}(root: str" in text, (flavour, name)
 
 
+def test_the_analysts_guide_shows_each_query_as_it_is_in_its_file():
+    guide = (QUERIES.parent / "queries.md").read_text()
+    for name in CHECKS:
+        assert (QUERIES / f"{name}.sql").read_text().strip() in guide, f"docs/queries.md is out of date for {name}.sql"
+        assert f"(queries/{name}.sql)" in guide
+
+
 # --- DuckDB, pandas, Polars on a local root ---------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
