@@ -198,6 +198,20 @@ def test_distribution_figures_summarise_each_category(built, scores):
     assert histogram == dict(Counter(r["category"] for r in scores.scored()))
 
 
+def test_a_card_with_an_undecodable_mask_still_shows_the_image(scores):
+    row = {**expected_top(scores, 2)[1], "__filename": "unused"}
+    card = report.gallery_card(7, row, b"\x89PNG but truncated")
+    assert card.note == "mask unreadable" and card.thumbnail_uri.startswith("data:image/jpeg;base64,")
+    assert red_pixels(base64.b64decode(card.thumbnail_uri.split(",", 1)[1])) == 0
+
+
+def test_a_card_with_neither_image_nor_mask_has_no_thumbnail(scores):
+    row = {**expected_top(scores, 1)[0], "__filename": "unused"}
+    card = report.gallery_card(1, row, None)
+    assert card.thumbnail_uri is None and "original image unavailable" in card.note
+    assert (card.rank, card.image_uri, card.image_score) == (1, scores.missing_uri, pytest.approx(0.99))
+
+
 # --- reading -------------------------------------------------------------------------------
 
 def test_summary_read_leaves_the_heavy_mask_column_behind(scores):

@@ -56,7 +56,7 @@ OVERLAY_RGB = (255, 0, 0)
 HISTOGRAM_BINS = 30
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 _ERROR_PALETTE = ("#8c564b", "#d62728", "#7f7f7f", "#9467bd")  # in ERROR_CODES order
-_IMAGE_READ_WORKERS = 8
+_IMAGE_READ_WORKERS = 4  # each holds one full-resolution decoded image
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,12 @@ def read_masks(dataset: ds.Dataset, rows: Sequence[dict]) -> dict[tuple[str, str
         by_file.setdefault(row["__filename"], set()).add(row["image_uri"])
     masks: dict[tuple[str, str], bytes | None] = {}
     for filename, uris in by_file.items():
-        part = ds.dataset(filename, filesystem=dataset.filesystem, format="parquet")
-        table = part.to_table(columns=["image_uri", "mask_png"], filter=ds.field("image_uri").isin(sorted(uris)))
+        try:
+            part = ds.dataset(filename, filesystem=dataset.filesystem, format="parquet")
+            table = part.to_table(columns=["image_uri", "mask_png"], filter=ds.field("image_uri").isin(sorted(uris)))
+        except (OSError, pa.ArrowException) as exc:  # e.g. the file was replaced since the summary read
+            log.warning("report: masks of %s unreadable: %s", storage.redact(filename), storage.redact(str(exc)))
+            continue
         for uri, mask in zip(table.column("image_uri").to_pylist(), table.column("mask_png").to_pylist()):
             masks.setdefault((filename, uri), mask)
     return masks
@@ -376,8 +380,8 @@ def _data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-def _top_image(rank: int, row: dict, mask_png: bytes | None) -> TopImage:
-    """Build one gallery card; a missing image or a bad mask gives a note, never an exception."""
+def gallery_card(rank: int, row: dict, mask_png: bytes | None) -> TopImage:
+    """One gallery card for a summary row; a missing image or a bad mask gives a note, never an exception."""
     notes = []
     image = mask = None
     try:
@@ -424,7 +428,7 @@ def top_images(dataset: ds.Dataset, table: pa.Table, top_n: int) -> list[TopImag
     masks = read_masks(dataset, rows) if rows else {}
     with ThreadPoolExecutor(max_workers=max(1, min(_IMAGE_READ_WORKERS, len(rows)))) as pool:
         futures = [
-            pool.submit(_top_image, rank, row, masks.get((row["__filename"], row["image_uri"])))
+            pool.submit(gallery_card, rank, row, masks.get((row["__filename"], row["image_uri"])))
             for rank, row in enumerate(rows, start=1)
         ]
         return [future.result() for future in futures]
