@@ -177,6 +177,23 @@ def evaluate(data, models, category, device, batch_size, json_out) -> None:
         Path(json_out).write_text(json.dumps(rows, indent=2))
 
 
+@main.command()
+@click.option("--scores", required=True, help="Root of the scores dataset (local path or s3:// URL).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--top", default=24, show_default=True, help="How many of the most anomalous images to show.")
+@click.option("--category", "categories", multiple=True, help="Only these categories (repeatable).")
+@click.option("--run-date", "run_dates", multiple=True, help="Only these run dates, YYYY-MM-DD (repeatable).")
+def report(scores, out, top, categories, run_dates) -> None:
+    """Write a self-contained HTML defect report from a scores dataset."""
+    from .report import build_report
+
+    summary = build_report(scores, out, top_n=top, categories=categories or None, run_dates=run_dates or None)
+    click.echo(
+        f"{summary.out_path}: {summary.n_images} images, {summary.n_anomalous} anomalous, "
+        f"{summary.n_errors} errors, {summary.size_bytes / 1e6:.1f} MB"
+    )
+
+
 @main.command("backbones")
 def list_backbones() -> None:
     """List the registered backbones."""

@@ -117,6 +117,15 @@ def read_bytes(url: str) -> bytes:
     return with_retries(lambda: fs.cat_file(path), f"read {url}")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Make ``url`` hold ``data`` entirely or not at all.
 
@@ -133,6 +142,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
