@@ -128,6 +128,38 @@ def _split_configs(options: dict) -> tuple[DetectorConfig, TrainConfig]:
     return detector_config, TrainConfig(**options)
 
 
+@main.command("train-all")
+@click.option("--data", required=True, help="Dataset root (MVTec AD layout): local path, s3:// or gs:// URL.")
+@click.option("--models", required=True, help="Model store URL; models land in <models>/<category>/<version>/.")
+@click.option("--categories", default=None, help="Comma-separated categories (default: every category under --data).")
+@click.option("--num-cpus", default=1.0, show_default=True, help="CPUs per category task.")
+@click.option("--num-gpus", default=None, type=float, help="GPUs per category task (default: 1 if the cluster has GPUs, else 0).")
+@click.option("--max-attempts", default=3, show_default=True, help="Attempts per category before it is reported failed.")
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).")
+@detector_options
+@training_options
+def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, address, **options) -> None:
+    """Train every category in parallel on a Ray cluster and publish the models."""
+    from .pipelines.cluster import ray_session
+    from .pipelines.train_all import TaskResources, train_all as run_train_all
+
+    detector_config, train_config = _split_configs(options)
+    resources = TaskResources(num_cpus=num_cpus, num_gpus=num_gpus, max_attempts=max_attempts)
+    wanted = [c for c in categories.split(",") if c] if categories else None
+    with ray_session(address), tqdm(desc="categories", unit="category", file=sys.stderr) as bar:
+        outcomes = run_train_all(data, models, wanted, detector_config, train_config, resources,
+                                 on_done=lambda o: (bar.update(), bar.set_postfix_str(f"{o.category}: {o.status}")))
+    rows = [{**o.as_dict(), "seconds": round(o.seconds, 1), "best_val_loss": o.best_val_loss if o.best_val_loss is not None else "-",
+             "model_version": o.model_version or "-"} for o in outcomes]
+    click.echo(format_table(rows, [("status", "status"), ("attempts", "attempts"), ("epochs", "epochs"),
+                                   ("best_val_loss", "best val loss"), ("seconds", "seconds"), ("model_version", "model version")]))
+    failed = [o for o in outcomes if o.status != "ok"]
+    for outcome in failed:
+        click.echo(f"{outcome.category} failed: {outcome.error}", err=True)
+    if failed:
+        click.get_current_context().exit(1)
+
+
 EVALUATION_COLUMNS = [
     ("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"),
     ("iou_nfa", "IoU NFA"), ("iou_oracle", "IoU oracle"), ("iou_fair", "IoU fair"),

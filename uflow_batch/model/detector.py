@@ -99,16 +99,19 @@ class UFlowDetector(nn.Module):
             score = anomaly.flatten(1).amax(dim=1)
         return ScoreMaps(anomaly=anomaly, neg_log10_nfa=neg_log10_nfa, image_score=score)
 
-    def results(self, maps: ScoreMaps, original_sizes: list[tuple[int, int]]) -> list[ImageResult]:
-        """Per-image masks, areas and regions at each image's original (height, width)."""
-        epsilon = self.config.nfa.epsilon
+    def results(self, maps: ScoreMaps, original_sizes: list[tuple[int, int]], epsilon: float | None = None) -> list[ImageResult]:
+        """Per-image masks, areas and regions at each image's original (height, width).
+
+        ``epsilon`` overrides the model's NFA threshold (e.g. a job's setting).
+        """
+        epsilon = epsilon or self.config.nfa.epsilon
         return [
             image_result(float(maps.image_score[i]), maps.neg_log10_nfa[i], size, epsilon)
             for i, size in enumerate(original_sizes)
         ]
 
-    def score(self, images: torch.Tensor, original_sizes: list[tuple[int, int]]) -> list[ImageResult]:
-        return self.results(self.score_maps(images), original_sizes)
+    def score(self, images: torch.Tensor, original_sizes: list[tuple[int, int]], epsilon: float | None = None) -> list[ImageResult]:
+        return self.results(self.score_maps(images), original_sizes, epsilon)
 
     # --- persistence -------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..model.anomaly import ImageResult
 from ..storage import redact
-from .schema import ERROR_CODES, FILE_SCHEMA, SCHEMA_VERSION
+from .schema import ERROR_CODES, SCHEMA_VERSION
 
 MAX_ERROR_MESSAGE = 500
 
@@ -89,5 +89,3 @@ def error_row(item: dict[str, Any], code: str, message: str, width: int | None =
         "error_message": redact(message)[:MAX_ERROR_MESSAGE],
     }
 
-
-ROW_COLUMNS = [field.name for field in FILE_SCHEMA] + ["category"]

@@ -1,0 +1,69 @@
+"""Connecting to Ray: an existing cluster, or a local one started for this run.
+
+Ray workers do not inherit the driver's environment, so the object-storage
+settings of the standard credential chain that the driver has in its
+environment are handed to them through the job's runtime environment. On a
+real cluster these are usually absent (credentials come from the instance or
+pod role) and nothing is passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Forwarded to workers when set in the driver's environment.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
+    "GOOGLE_APPLICATION_CREDENTIALS", "UFLOW_SHARED_DATA",
+)
+
+# Ray settings this product needs everywhere: no usage reporting, no token auth
+# written behind the user's back (it breaks later `ray start` clusters).
+RAY_DEFAULT_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def forwarded_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None) -> Iterator[None]:
+    """Use the running Ray session, connect to ``address`` (or ``RAY_ADDRESS``), or start a local one.
+
+    A session this function starts is shut down on exit; one it found is left alone.
+    """
+    for name, value in RAY_DEFAULT_ENV.items():
+        os.environ.setdefault(name, value)
+    if ray.is_initialized():
+        yield
+        return
+    runtime_env = {"env_vars": forwarded_env()}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        log.info("starting a local Ray instance")
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=object_store_memory,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=False,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,149 @@
+"""What to score: listing units, the objects in them, and their categories.
+
+A *unit* is the smallest piece of input a read task lists on its own: one
+category folder under an input root (``<root>/<category>/...``, the default),
+or one manifest file (CSV or JSONL with ``uri`` and ``category``). The driver
+only lists the first level of each input root; objects are listed inside the
+read tasks, directory by directory, in sorted order, so memory stays flat
+however large the archive, and a retried task lists the same sequence.
+
+Objects modified after the run started are left for the next run: a listing
+that changes under a retry could otherwise duplicate or skip rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .. import storage
+from ..data import is_image_name
+from .commit import unit_key
+
+log = logging.getLogger(__name__)
+
+UNCATEGORIZED = "uncategorized"
+
+
+class TransientStorageError(RuntimeError):
+    """Storage failed in a way a retry may fix; Ray Data retries the task on it."""
+
+    MARKER = "transient storage error"
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(f"{self.MARKER}: {what}: {storage.redact(str(cause))}")
+
+
+@dataclass(frozen=True)
+class ListingUnit:
+    key: str
+    location: str  # the prefix URL or the manifest URL
+    category: str | None  # None: categories come from the manifest rows
+    kind: str  # "prefix", "files" (objects directly under an input root) or "manifest"
+
+
+def plan_units(inputs: list[str], category_from: str = "path", manifest: str | None = None,
+               categories: list[str] | None = None) -> list[ListingUnit]:
+    """Units for the driver to hand out; only the first level of each input is listed here."""
+    if category_from == "manifest":
+        if not manifest:
+            raise ValueError("category_from='manifest' needs a manifest URL")
+        return [ListingUnit(unit_key(manifest), manifest, None, "manifest")]
+    units = []
+    for root in inputs:
+        fs, path = storage.filesystem(root)
+        entries = storage.with_retries(lambda: fs.ls(path, detail=True), f"list {root}")
+        for entry in sorted(entries, key=lambda e: e["name"]):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry["type"] == "directory" and (categories is None or name in categories):
+                location = storage.full_url(fs, entry["name"].rstrip("/"))
+                units.append(ListingUnit(unit_key(location), location, name, "prefix"))
+        has_loose_files = any(e["type"] == "file" and is_image_name(e["name"]) for e in entries)
+        if has_loose_files and categories is None:
+            units.append(ListingUnit(unit_key(root.rstrip("/") + "/*"), root, UNCATEGORIZED, "files"))
+    return units
+
+
+def _mtime(info: dict) -> datetime | None:
+    value = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, str):
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None
+
+
+def _etag(info: dict) -> str | None:
+    value = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return str(value).strip('"') if value else None
+
+
+def object_row(url: str, info: dict, category: str) -> dict:
+    return {
+        "image_uri": url,
+        "category": category,
+        "object_size": int(info.get("size") or 0),
+        "object_etag": _etag(info),
+        "object_mtime": _mtime(info),
+    }
+
+
+def _ls(fs, path: str, what: str) -> list[dict]:
+    try:
+        return storage.with_retries(lambda: fs.ls(path, detail=True), what)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else may pass; let Ray retry the task
+        raise TransientStorageError(what, exc) from exc
+
+
+def walk_sorted(url: str, recursive: bool = True) -> Iterator[tuple[str, dict]]:
+    """(url, info) of files below ``url`` in a deterministic order, one directory in memory at a time."""
+    fs, root = storage.filesystem(url)
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        entries = sorted(_ls(fs, directory, f"list {directory}"), key=lambda e: e["name"])
+        for entry in entries:
+            if entry["type"] == "file":
+                yield storage.full_url(fs, entry["name"]), entry
+        if recursive:
+            stack.extend(e["name"] for e in reversed(entries) if e["type"] == "directory")
+
+
+def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | None = None) -> Iterator[dict]:
+    """The image objects of a unit, in a fixed order, with their identity fields."""
+    if unit.kind == "manifest":
+        yield from _iter_manifest(unit.location, categories)
+        return
+    for url, info in walk_sorted(unit.location, recursive=unit.kind == "prefix"):
+        if not is_image_name(url):
+            continue
+        modified = _mtime(info)
+        if modified is not None and modified > started_at:
+            log.info("leaving %s for the next run: modified after this run started", url)
+            continue
+        yield object_row(url, info, unit.category)
+
+
+def _iter_manifest(url: str, categories: list[str] | None) -> Iterator[dict]:
+    """Rows ``uri, category`` of a CSV (with header) or JSONL manifest."""
+    text = storage.read_bytes(url).decode("utf-8")
+    if url.endswith((".jsonl", ".ndjson", ".json")):
+        records = (json.loads(line) for line in text.splitlines() if line.strip())
+    else:
+        records = csv.DictReader(io.StringIO(text))
+    for number, record in enumerate(records, start=1):
+        uri, category = record.get("uri"), record.get("category")
+        if not uri or not category:
+            raise ValueError(f"{url}: record {number} needs 'uri' and 'category', got {record}")
+        if categories is not None and category not in categories:
+            continue
+        yield {"image_uri": uri, "category": category, "object_size": None, "object_etag": None, "object_mtime": None}

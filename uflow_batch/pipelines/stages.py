@@ -1,0 +1,156 @@
+"""The per-batch work of the scoring pipeline, as plain callables.
+
+Ray Data runs these inside its tasks and actors, but nothing here imports
+Ray: each stage takes and returns an Arrow table, so it can be tested (and
+benchmarked) on its own. The model math stays in :mod:`uflow_batch.model`;
+a stage only moves images in and rows out.
+
+Every input row leaves as exactly one output row. Problems with one image
+become that image's error row; only storage failures that a retry may fix
+are raised, so that Ray retries the task instead of committing an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .. import data, storage
+from ..model.detector import UFlowDetector
+from ..train import resolve_device
+from . import rows
+from .listing import TransientStorageError
+from .schema import FILE_SCHEMA
+
+log = logging.getLogger(__name__)
+
+# Columns that travel with each row through the pipeline, besides the results.
+ROUTING = [pa.field("category", pa.string()), pa.field("run_date", pa.string()), pa.field("pkey", pa.string())]
+RESULT_SCHEMA = pa.schema(list(FILE_SCHEMA) + ROUTING)
+DECODED_SCHEMA = pa.schema([
+    pa.field("image_uri", pa.string()), pa.field("category", pa.string()), pa.field("model_version", pa.string()),
+    pa.field("object_size", pa.int64()), pa.field("object_etag", pa.string()),
+    pa.field("object_mtime", pa.timestamp("us", tz="UTC")), pa.field("run_date", pa.string()), pa.field("pkey", pa.string()),
+    pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("pixels", pa.binary()),
+    pa.field("error", pa.string()), pa.field("error_message", pa.string()),
+])
+
+
+def results_table(records: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
+
+
+def _with_routing(row: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "run_date": item["run_date"], "pkey": item["pkey"]}
+
+
+def fetch_and_decode(batch: pa.Table, input_sizes: dict[str, tuple[int, int]], max_pixels: int = data.DEFAULT_MAX_PIXELS) -> pa.Table:
+    """Read each object and resize it to its category's model input (uint8, CHW bytes).
+
+    Objects of a category without a model are not even read.
+    """
+    out = []
+    for item in batch.to_pylist():
+        decoded = {**item, "width": None, "height": None, "pixels": None, "error": None, "error_message": None}
+        size = input_sizes.get(item["category"])
+        if item["model_version"] is None or size is None:
+            decoded.update(error="no_model", error_message=f"no trained model for category {item['category']!r}")
+            out.append(decoded)
+            continue
+        try:
+            raw = storage.read_bytes(item["image_uri"])
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            decoded.update(error="read_error", error_message=f"{type(exc).__name__}: {exc}")
+            out.append(decoded)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a storage glitch: fail the task so Ray retries it
+            raise TransientStorageError(f"read {item['image_uri']}", exc) from exc
+        if decoded["object_size"] is None:
+            decoded["object_size"] = len(raw)
+        try:
+            image = data.decode_image(raw, max_pixels=max_pixels)
+        except data.ImageDecodeError as exc:
+            decoded.update(error="decode_error", error_message=str(exc))
+            out.append(decoded)
+            continue
+        decoded.update(
+            height=image.shape[0], width=image.shape[1],
+            pixels=data.resize_to_model(image, size).numpy().tobytes(),
+        )
+        out.append(decoded)
+    return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+
+
+class CategoryScorer:
+    """Batch inference with one model per category, loaded once per actor.
+
+    Batches arrive mostly single-category (the listing is grouped by
+    category), so a small LRU of loaded models keeps every model loaded once
+    per actor rather than once per batch.
+    """
+
+    def __init__(self, models_url: str, device: str = "auto", epsilon: float | None = None,
+                 cache_size: int = 4, num_threads: int | None = None) -> None:
+        self.store = storage.ModelStore(models_url)
+        self.device = resolve_device(device)
+        self.epsilon = epsilon
+        self.cache_size = cache_size
+        self.models: OrderedDict[tuple[str, str], UFlowDetector] = OrderedDict()
+        if num_threads and self.device.type == "cpu":
+            torch.set_num_threads(num_threads)
+
+    def detector(self, category: str, version: str) -> UFlowDetector:
+        key = (category, version)
+        if key in self.models:
+            self.models.move_to_end(key)
+            return self.models[key]
+        directory, _ = self.store.fetch(category, version)
+        detector = UFlowDetector.load(directory, device=self.device)
+        self.models[key] = detector
+        if len(self.models) > self.cache_size:
+            self.models.popitem(last=False)
+        log.info("loaded model %s/%s on %s", category, version, self.device)
+        return detector
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items = batch.to_pylist()
+        out: list[dict[str, Any] | None] = [None] * len(items)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index, item in enumerate(items):
+            if item["error"]:
+                out[index] = _with_routing(rows.error_row(item, item["error"], item["error_message"], item["width"], item["height"]), item)
+            else:
+                groups.setdefault((item["category"], item["model_version"]), []).append(index)
+        for (category, version), indices in groups.items():
+            for index, row in zip(indices, self._score_group(category, version, [items[i] for i in indices])):
+                out[index] = row
+        return results_table(out)
+
+    def _score_group(self, category: str, version: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            detector = self.detector(category, version)
+        except Exception as exc:  # noqa: BLE001 - an unusable model: every image says so
+            message = f"model {category}/{version} could not be loaded: {type(exc).__name__}: {exc}"
+            return [_with_routing(rows.error_row(i, "inference_error", message, i["width"], i["height"]), i) for i in items]
+        try:
+            return self._infer(detector, items)
+        except Exception:  # noqa: BLE001 - find the image that breaks the batch
+            log.warning("batch of %d %s images failed; scoring one by one", len(items), category, exc_info=True)
+        scored = []
+        for item in items:
+            try:
+                scored += self._infer(detector, [item])
+            except Exception as exc:  # noqa: BLE001
+                scored.append(_with_routing(rows.error_row(item, "inference_error", f"{type(exc).__name__}: {exc}", item["width"], item["height"]), item))
+        return scored
+
+    def _infer(self, detector: UFlowDetector, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        height, width = detector.input_size
+        pixels = np.stack([np.frombuffer(i["pixels"], dtype=np.uint8).reshape(3, height, width) for i in items])
+        results = detector.score(torch.from_numpy(pixels), [(i["height"], i["width"]) for i in items], epsilon=self.epsilon)
+        return [_with_routing(rows.result_row(i, r), i) for i, r in zip(items, results)]

@@ -1,0 +1,149 @@
+"""Train every category in parallel: one Ray task per category.
+
+Each task trains into a scratch directory on its worker and publishes the
+result to the model store (files first, the CURRENT pointer last), so a
+scorer never sees a half-written model. Categories are independent: one that
+fails is retried a bounded number of times and then reported, while the
+others finish.
+
+Retries follow the kind of failure:
+- a worker that dies (killed, out of memory) is retried by Ray itself;
+- a diverged loss is retried with half the learning rate, since the same
+  learning rate would diverge the same way;
+- bad data (no ``train/good``, an unreadable image) fails at once: running
+  it again cannot help, and the message says what to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import ray
+import torch
+
+from .. import data
+from ..config import DetectorConfig, TrainConfig
+from ..storage import ModelStore, redact
+from ..train import TrainingDiverged, TrainingError, train_category
+
+log = logging.getLogger(__name__)
+
+PERMANENT_ERRORS = (data.DatasetLayoutError, TrainingError)
+
+
+@dataclass(frozen=True)
+class TaskResources:
+    """What one category's training task asks of the cluster.
+
+    ``num_gpus=None`` means one GPU when the cluster has any, none otherwise.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float | None = None
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 or (self.num_gpus is not None and self.num_gpus < 0) or self.max_attempts < 1:
+            raise ValueError(f"invalid task resources: {self}")
+
+
+@dataclass
+class CategoryOutcome:
+    category: str
+    status: str  # "ok" or "failed"
+    attempts: int
+    epochs: int = 0
+    best_val_loss: float | None = None
+    seconds: float = 0.0
+    model_version: str | None = None
+    device: str | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_and_publish(
+    data_url: str,
+    category: str,
+    models_url: str,
+    detector_config: DetectorConfig,
+    train_config: TrainConfig,
+    max_attempts: int,
+    num_cpus: float,
+) -> CategoryOutcome:
+    """Train one category (retrying divergence) and publish it; never raises for training failures."""
+    torch.set_num_threads(max(1, int(num_cpus)))
+    started = time.perf_counter()
+    config = train_config
+    for attempt in range(1, max_attempts + 1):
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"uflow-{category}-") as scratch:
+                report = train_category(data_url, category, scratch, detector_config, config)
+                version = ModelStore(models_url).publish(scratch, category)
+            return CategoryOutcome(
+                category, "ok", attempt, report.epochs, report.best_val_loss,
+                time.perf_counter() - started, version, report.device,
+            )
+        except TrainingDiverged as exc:
+            log.warning("%s: %s (attempt %d/%d)", category, exc, attempt, max_attempts)
+            error = str(exc)
+            config = replace(config, learning_rate=config.learning_rate / 2)
+        except PERMANENT_ERRORS as exc:
+            return CategoryOutcome(category, "failed", attempt, seconds=time.perf_counter() - started, error=redact(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - transient (storage, memory): retried, then reported
+            log.warning("%s: attempt %d/%d failed: %s", category, attempt, max_attempts, exc)
+            error = f"{type(exc).__name__}: {exc}"
+            log.debug("%s", traceback.format_exc())
+    return CategoryOutcome(category, "failed", max_attempts, seconds=time.perf_counter() - started, error=redact(error))
+
+
+def train_all(
+    data_url: str,
+    models_url: str,
+    categories: list[str] | None = None,
+    detector_config: DetectorConfig | None = None,
+    train_config: TrainConfig | None = None,
+    resources: TaskResources | None = None,
+    on_done: Callable[[CategoryOutcome], None] | None = None,
+) -> list[CategoryOutcome]:
+    """Fan training out over the Ray cluster (the caller holds the Ray session)."""
+    detector_config = detector_config or DetectorConfig()
+    train_config = train_config or TrainConfig()
+    resources = resources or TaskResources()
+    available = data.discover_categories(data_url)
+    categories = categories or available
+    unknown = sorted(set(categories) - set(available))
+    outcomes = [CategoryOutcome(c, "failed", 0, error=f"no category {c!r} with train/good under {data_url}") for c in unknown]
+    todo = [c for c in categories if c in available]
+
+    num_gpus = resources.num_gpus
+    if num_gpus is None:
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if num_gpus == 0 and train_config.device == "auto":
+        train_config = replace(train_config, device="cpu")  # a CPU task must not take a GPU it did not ask for
+    task = ray.remote(train_and_publish).options(
+        num_cpus=resources.num_cpus, num_gpus=num_gpus, max_retries=resources.max_attempts - 1, retry_exceptions=False,
+    )
+    pending = {
+        task.remote(data_url, c, models_url, detector_config, train_config, resources.max_attempts, resources.num_cpus): c
+        for c in todo
+    }
+    log.info("training %d categories (%s CPU, %s GPU each)", len(todo), resources.num_cpus, num_gpus)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        category = pending.pop(done[0])
+        try:
+            outcome = ray.get(done[0])
+        except ray.exceptions.RayError as exc:  # the worker died on every attempt
+            outcome = CategoryOutcome(category, "failed", resources.max_attempts, error=redact(f"{type(exc).__name__}: {exc}")[:500])
+        outcomes.append(outcome)
+        if on_done:
+            on_done(outcome)
+    order = {c: i for i, c in enumerate(categories)}
+    return sorted(outcomes, key=lambda o: order.get(o.category, len(order)))
