@@ -7,12 +7,18 @@ fresh prefix each (``s3_bucket_url``), never by emptying the bucket.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from uflow_batch.config import BackboneConfig, DetectorConfig, TrainConfig
 from uflow_batch.devtools.s3server import S3Server
+from uflow_batch.storage import ModelStore
+from uflow_batch.synthetic import SyntheticConfig, generate_dataset
+from uflow_batch.train import train_category
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +41,35 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3S
 def s3_bucket_url(s3_env: S3Server) -> str:
     """``s3://<bucket>/<unique prefix>``: a place of this test's own on the server (env applied)."""
     return s3_env.url(f"t-{uuid.uuid4().hex[:12]}")
+
+
+# --- trained models for the pipeline tests ----------------------------------------------------
+
+# Small enough to train in seconds on two cores, big enough to be a real model.
+TINY_DETECTOR = DetectorConfig(backbone=BackboneConfig(input_size=(64, 64)))
+TINY_TRAINING = TrainConfig(max_epochs=2, batch_size=4, warmup_epochs=0, patience=2)
+TINY_SYNTHETIC = SyntheticConfig(categories=("brushed_metal", "fabric"), image_size=96, n_train=6,
+                                 n_test_good=2, n_test_per_defect=1, seed=3)
+
+for _name, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}.items():
+    os.environ.setdefault(_name, _value)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny generated dataset in MVTec layout (two categories)."""
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    generate_dataset(str(root), TINY_SYNTHETIC)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_store(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A local model store holding a real (tiny) trained model per synthetic category."""
+    store_url = str(tmp_path_factory.mktemp("models"))
+    store = ModelStore(store_url)
+    for category in TINY_SYNTHETIC.categories:
+        scratch = tmp_path_factory.mktemp(f"train-{category}")
+        train_category(str(synthetic_root), category, scratch, TINY_DETECTOR, TINY_TRAINING)
+        store.publish(scratch, category)
+    return store_url

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -160,6 +162,109 @@ def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, addres
         click.get_current_context().exit(1)
 
 
+def scoring_options(command):
+    options = [
+        click.option("--batch-size", default=16, show_default=True, help="Images per inference batch."),
+        click.option("--actors", default=1, show_default=True, help="Inference actors (each holds the models it needs)."),
+        click.option("--gpus-per-actor", default=None, type=float,
+                     help="GPUs per inference actor (default: 1 if the cluster has GPUs, else 0 = CPU inference)."),
+        click.option("--cpus-per-actor", default=1.0, show_default=True, help="CPUs reserved by each inference actor."),
+        click.option("--decode-cpus", default=1.0, show_default=True, help="CPUs reserved by each read/decode task."),
+        click.option("--rows-per-file", default=256, show_default=True,
+                     help="Rows gathered before a Parquet part file is committed (smaller: finer resume points)."),
+        click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)."),
+        click.option("--dry-run", is_flag=True, help="Print what would be scored (lists the inputs), score nothing."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _print_preview(counts: dict) -> None:
+    rows = [{"category": c, "to_score": n["to_score"], "done": n["done"], "no_model": n["no_model"]} for c, n in sorted(counts.items())]
+    click.echo(format_table(rows, [("to_score", "to score"), ("done", "already scored"), ("no_model", "no model")]))
+
+
+def _print_score_summary(summary) -> None:
+    codes = sorted({code for counts in summary.by_category.values() for code in counts})
+    rows = [
+        {"category": c, "version": summary.model_versions.get(c) or "-", **{code: counts.get(code, 0) for code in codes}}
+        for c, counts in sorted(summary.by_category.items())
+    ]
+    click.echo(f"{summary.rows_written} rows in {summary.files_written} part files")
+    if rows:
+        click.echo(format_table(rows, [("version", "model version")] + [(code, code) for code in codes]))
+
+
+def _run_scoring(request, address: str | None, dry_run: bool):
+    from .pipelines.cluster import cluster_has_gpus, ray_session
+    from .pipelines.score import preview, run_scoring
+
+    if dry_run:
+        _print_preview(preview(request))
+        return None
+    with ray_session(address):
+        if request.gpus_per_actor is None:
+            request = replace(request, gpus_per_actor=1.0 if cluster_has_gpus() else 0.0)
+        summary = run_scoring(request)
+    _print_score_summary(summary)
+    return summary
+
+
+@main.command()
+@click.option("--input", "inputs", required=True, multiple=True,
+              help="Archive root to score (repeatable): <root>/<category>/... ; local path, s3:// or gs:// URL.")
+@click.option("--models", required=True, help="Model store URL written by train-all.")
+@click.option("--output", required=True, help="Output root; Parquet lands in <output>/category=<c>/run_date=<d>/.")
+@click.option("--run-date", default=None, help="Run date YYYY-MM-DD (default: today, UTC).")
+@click.option("--categories", default=None, help="Comma-separated categories to score (default: all folders found).")
+@click.option("--manifest", default=None, help="CSV/JSONL manifest (uri,category) instead of categories from paths.")
+@click.option("--epsilon", default=None, type=float, help="Override the models' NFA threshold epsilon.")
+@scoring_options
+def score(inputs, models, output, run_date, categories, manifest, epsilon, batch_size, actors, gpus_per_actor,
+          cpus_per_actor, decode_cpus, rows_per_file, address, dry_run) -> None:
+    """Score image archives into Parquet (streaming, resumable, one row per image)."""
+    from .pipelines.score import ScoreRequest
+
+    request = ScoreRequest(
+        inputs=inputs, models=models, output=output, run_date=run_date or datetime.now(timezone.utc).date().isoformat(),
+        categories=tuple(c for c in categories.split(",") if c) if categories else None,
+        category_from="manifest" if manifest else "path", manifest=manifest, epsilon=epsilon,
+        batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+        decode_cpus=decode_cpus, rows_per_file=rows_per_file,
+    )
+    _run_scoring(request, address, dry_run)
+
+
+@main.command("run-job")
+@click.argument("spec")
+@click.option("--run-date", default=None, help="Run date YYYY-MM-DD (default: today UTC minus the spec's lag_days).")
+@click.option("--dry-run", is_flag=True, help="Resolve the spec, print what would be scored and deleted, change nothing.")
+def run_job(spec, run_date, dry_run) -> None:
+    """Run a nightly job spec (YAML, local or in object storage); idempotent per run date."""
+    from .jobs import apply_retention, expired_run_dates, load_job_spec, validate_run_date
+    from .pipelines.score import ScoreRequest
+
+    job = load_job_spec(spec)
+    today = datetime.now(timezone.utc).date()
+    run_date = validate_run_date(run_date) if run_date else job.default_run_date(today)
+    resources = job.resources
+    request = ScoreRequest(
+        inputs=tuple(job.inputs_for(run_date)), models=job.models, output=job.output, run_date=run_date,
+        categories=job.categories, category_from=job.category_from, manifest=job.manifest_for(run_date),
+        epsilon=job.nfa_epsilon, batch_size=resources.batch_size, actors=resources.actors,
+        gpus_per_actor=resources.gpus_per_actor, cpus_per_actor=resources.cpus_per_actor, decode_cpus=resources.decode_cpus,
+    )
+    click.echo(f"job {job.name}: run date {run_date}, inputs {', '.join(request.inputs) or request.manifest} -> {job.output}")
+    _run_scoring(request, job.ray_address, dry_run)
+    if run_date in expired_run_dates([run_date], today, job.retention_days):
+        click.echo(f"retention skipped: run date {run_date} is itself older than {job.retention_days} days (a backfill)")
+        return
+    deleted = apply_retention(job.output, today, job.retention_days, dry_run=dry_run)
+    if deleted:
+        click.echo(f"retention ({job.retention_days} days): {'would delete' if dry_run else 'deleted'} {', '.join(deleted)}")
+
+
 EVALUATION_COLUMNS = [
     ("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"),
     ("iou_nfa", "IoU NFA"), ("iou_oracle", "IoU oracle"), ("iou_fair", "IoU fair"),
@@ -254,3 +359,7 @@ def run() -> None:
         click.echo(f"error: {type(exc).__name__}: {redact(str(exc))}", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    run()

@@ -55,7 +55,7 @@ class ScoreRequest:
     epsilon: float | None = None
     batch_size: int = 16
     actors: int = 1
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: float | None = 0.0
     cpus_per_actor: float = 1.0
     decode_cpus: float = 1.0
     listing_block_rows: int = 64
@@ -69,7 +69,7 @@ class ScoreRequest:
         validate_run_date(self.run_date)
         if not self.inputs and self.category_from == "path":
             raise ValueError("no inputs to score")
-        if self.batch_size < 1 or self.actors < 1 or self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+        if self.batch_size < 1 or self.actors < 1 or (self.gpus_per_actor or 0) < 0 or self.cpus_per_actor <= 0:
             raise ValueError(f"invalid pipeline sizing in {self}")
 
 
@@ -173,6 +173,28 @@ def resolve_models(models_url: str, categories: Iterable[str]) -> tuple[dict[str
     return versions, sizes
 
 
+def preview(request: ScoreRequest) -> dict[str, Counter]:
+    """What a run would do, per category: objects to score and objects already done.
+
+    Lists everything in the driver, so it is for ``--dry-run``, not for the run itself.
+    """
+    started_at = datetime.now(timezone.utc)
+    categories = list(request.categories) if request.categories else None
+    units = plan_units(list(request.inputs), request.category_from, request.manifest, categories)
+    store = storage.ModelStore(request.models)
+    versions: dict[str, str | None] = {}
+    counts: dict[str, Counter] = {}
+    for unit in units:
+        done = commit.committed(request.output, request.run_date, unit.key, None if unit.category is None else [unit.category])
+        for row in iter_unit(unit, started_at, categories):
+            category = row["category"]
+            if category not in versions:
+                versions[category] = store.current_version(category)
+            outcome = "done" if (row["image_uri"], versions[category]) in done else "to_score" if versions[category] else "no_model"
+            counts.setdefault(category, Counter())[outcome] += 1
+    return counts
+
+
 def configure_retries(attempts: int) -> None:
     """Let Ray Data retry tasks that failed on a storage glitch (and nothing else)."""
     context = ray.data.DataContext.get_current()
@@ -197,7 +219,7 @@ def run_scoring(request: ScoreRequest) -> ScoreSummary:
     summary.model_versions = versions
     configure_retries(request.storage_retries)
 
-    gpus = request.gpus_per_actor
+    gpus = request.gpus_per_actor or 0.0
     if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
         raise RuntimeError(f"the job asks for {gpus} GPU per inference actor but the Ray cluster has none; use gpus_per_actor 0")
     sink = PartSink(request.output, request.rows_per_file)

@@ -1,0 +1,165 @@
+"""The scoring pipeline's stages without Ray: listing, decoding, inference rows, commits."""
+
+from __future__ import annotations
+
+import io
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from uflow_batch.pipelines import commit
+from uflow_batch.pipelines.listing import UNCATEGORIZED, iter_unit, plan_units, walk_sorted
+from uflow_batch.pipelines.rows import decode_mask_png
+from uflow_batch.pipelines.schema import FILE_SCHEMA
+from uflow_batch.pipelines.score import LISTING_SCHEMA, resolve_models
+from uflow_batch.pipelines.stages import RESULT_SCHEMA, CategoryScorer, fetch_and_decode
+from uflow_batch.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
+
+from conftest import TINY_SYNTHETIC
+
+RUN_DATE = "2026-11-22"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archive")
+    return write_scoring_archive(str(root), TINY_SYNTHETIC, n_per_category=3, defect_rate=0.5)
+
+
+def listing_rows(archive, model_store) -> list[dict]:
+    units = plan_units([archive.root])
+    versions, _ = resolve_models(model_store, [u.category for u in units])
+    later = datetime.now(timezone.utc) + timedelta(minutes=1)
+    return [
+        {**row, "model_version": versions.get(row["category"]), "run_date": RUN_DATE, "pkey": unit.key}
+        for unit in units for row in iter_unit(unit, later)
+    ]
+
+
+def test_units_are_one_per_category_folder(archive):
+    units = plan_units([archive.root])
+    assert [u.category for u in units] == ["brushed_metal", "fabric", "unknown_part"]
+    assert len({u.key for u in units}) == 3
+    assert [u.category for u in plan_units([archive.root], categories=["fabric"])] == ["fabric"]
+
+
+def test_loose_files_under_an_input_root_are_uncategorized(tmp_path):
+    (tmp_path / "part").mkdir()
+    (tmp_path / "loose.png").write_bytes(b"x")
+    units = plan_units([str(tmp_path)])
+    assert [u.category for u in units] == ["part", UNCATEGORIZED]
+    rows = list(iter_unit(units[1], datetime.now(timezone.utc) + timedelta(seconds=5)))
+    assert [Path(r["image_uri"]).name for r in rows] == ["loose.png"]
+
+
+def test_listing_is_sorted_recursive_and_leaves_newer_objects_for_the_next_run(tmp_path):
+    for name in ["b/2.png", "a/1.png", "a/c/3.png", "0.png", "notes.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    names = [str(Path(url).relative_to(tmp_path)) for url, _ in walk_sorted(str(tmp_path))]
+    assert names == ["0.png", "notes.txt", "a/1.png", "a/c/3.png", "b/2.png"]
+    cutoff = datetime.now(timezone.utc)
+    time.sleep(0.05)
+    (tmp_path / "a" / "late.png").write_bytes(b"x")
+    unit = plan_units([str(tmp_path)])[0]
+    assert [Path(r["image_uri"]).name for r in iter_unit(unit, cutoff)] == ["1.png", "3.png"]
+
+
+def test_manifest_units_take_categories_from_the_manifest(tmp_path):
+    manifest = tmp_path / "night.csv"
+    manifest.write_text("uri,category\ns3://b/x.png,fabric\ns3://b/y.png,washer\n")
+    (unit,) = plan_units([], category_from="manifest", manifest=str(manifest))
+    rows = list(iter_unit(unit, datetime.now(timezone.utc), categories=["fabric"]))
+    assert [(r["image_uri"], r["category"]) for r in rows] == [("s3://b/x.png", "fabric")]
+    manifest.write_text("uri\ns3://b/x.png\n")
+    with pytest.raises(ValueError, match="needs 'uri' and 'category'"):
+        list(iter_unit(unit, datetime.now(timezone.utc)))
+
+
+def test_fetch_and_decode_turns_every_bad_file_into_its_error(archive, model_store):
+    items = listing_rows(archive, model_store)
+    items.append({**items[0], "image_uri": items[0]["image_uri"] + ".gone"})
+    _, sizes = resolve_models(model_store, ["brushed_metal", "fabric"])
+    decoded = fetch_and_decode(pa.Table.from_pylist(items, schema=LISTING_SCHEMA), sizes).to_pylist()
+    by_uri = {row["image_uri"]: row for row in decoded}
+    expected = {f.url: f.expected for f in archive.files}
+    for uri, outcome in expected.items():
+        row = by_uri[uri]
+        if outcome == SCORED:
+            assert row["error"] is None and len(row["pixels"]) == 3 * 64 * 64, uri
+        elif outcome == DECODE_ERROR:
+            assert row["error"] == "decode_error" and row["error_message"], uri
+        elif outcome == NO_MODEL:
+            assert row["error"] == "no_model" and row["pixels"] is None, uri
+    assert by_uri[items[-1]["image_uri"]]["error"] == "read_error"
+
+
+def test_scorer_writes_one_schema_row_per_input_and_loads_each_model_once(archive, model_store):
+    items = listing_rows(archive, model_store)
+    _, sizes = resolve_models(model_store, ["brushed_metal", "fabric"])
+    decoded = fetch_and_decode(pa.Table.from_pylist(items, schema=LISTING_SCHEMA), sizes)
+    scorer = CategoryScorer(model_store)
+    out = scorer(decoded)
+    assert out.schema == RESULT_SCHEMA and out.num_rows == len(items)
+    assert len(scorer.models) == 2
+    loaded = dict(scorer.models)
+    scorer(decoded)
+    assert all(scorer.models[key] is model for key, model in loaded.items()), "models are cached, not reloaded"
+
+    rows = {r["image_uri"]: r for r in out.to_pylist()}
+    for file in archive.files:
+        row = rows[file.url]
+        if file.expected == SCORED:
+            assert row["error"] is None and 0.0 <= row["image_score"] <= 1.0
+            mask = decode_mask_png(row["mask_png"])
+            assert mask.shape == (row["height"], row["width"])
+            assert row["defect_area_px"] == mask.sum() and row["n_regions"] == len(row["regions"])
+            assert row["is_anomalous"] == (row["n_regions"] > 0)
+        else:
+            assert row["error"] is not None and row["image_score"] is None
+
+
+def test_an_image_that_breaks_inference_fails_alone(archive, model_store):
+    items = [r for r in listing_rows(archive, model_store) if r["category"] == "fabric"][:3]
+    _, sizes = resolve_models(model_store, ["fabric"])
+    decoded = fetch_and_decode(pa.Table.from_pylist(items, schema=LISTING_SCHEMA), sizes).to_pylist()
+    decoded[1]["pixels"] = decoded[1]["pixels"][:100]  # a corrupted tensor reaching the model
+    from uflow_batch.pipelines.stages import DECODED_SCHEMA
+
+    out = CategoryScorer(model_store)(pa.Table.from_pylist(decoded, schema=DECODED_SCHEMA)).to_pylist()
+    assert [r["error"] for r in out] == [None, "inference_error", None]
+
+
+def test_part_names_depend_on_content_not_order():
+    a = commit.part_name("k", ["u1", "u2"], ["v1", "v1"])
+    assert a == commit.part_name("k", ["u2", "u1"], ["v1", "v1"])
+    assert a != commit.part_name("k", ["u1", "u2"], ["v1", "v2"])
+    assert a.startswith("part-k-") and a.endswith(".parquet")
+
+
+def result_table(uris, version="v1"):
+    rows = [{name: None for name in RESULT_SCHEMA.names} | {
+        "schema_version": 1, "image_uri": u, "model_version": version, "category": "fabric",
+        "run_date": RUN_DATE, "pkey": "k", "error": "no_model", "error_message": "x"} for u in uris]
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def test_a_rewritten_part_replaces_itself_and_commits_its_rows(tmp_path):
+    output = str(tmp_path / "out")
+    first = commit.write_part(output, "fabric", RUN_DATE, "k", result_table(["a", "b"]))
+    again = commit.write_part(output, "fabric", RUN_DATE, "k", result_table(["b", "a"]))
+    assert first == again and len(commit.unit_parts(output, RUN_DATE, "k", ["fabric"])) == 1
+    commit.write_part(output, "fabric", RUN_DATE, "k", result_table(["c"], version="v2"))
+    assert commit.committed(output, RUN_DATE, "k", ["fabric"]) == {("a", "v1"), ("b", "v1"), ("c", "v2")}
+    assert commit.committed(output, RUN_DATE, "k", None) == commit.committed(output, RUN_DATE, "k", ["fabric"])
+    assert commit.committed(output, RUN_DATE, "other", None) == set()
+    written = pq.read_table(first)
+    assert written.schema.remove_metadata() == FILE_SCHEMA.remove_metadata()
+    leftovers = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and not p.name.startswith("part-")]
+    assert leftovers == [], "no temporary files are left behind"
