@@ -152,9 +152,10 @@ def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, addres
         outcomes = run_train_all(data, models, wanted, detector_config, train_config, resources,
                                  on_done=lambda o: (bar.update(), bar.set_postfix_str(f"{o.category}: {o.status}")))
     rows = [{**o.as_dict(), "seconds": round(o.seconds, 1), "best_val_loss": o.best_val_loss if o.best_val_loss is not None else "-",
-             "model_version": o.model_version or "-"} for o in outcomes]
+             "model_version": o.model_version or "-", "node": (o.node_id or "-")[:8]} for o in outcomes]
     click.echo(format_table(rows, [("status", "status"), ("attempts", "attempts"), ("epochs", "epochs"),
-                                   ("best_val_loss", "best val loss"), ("seconds", "seconds"), ("model_version", "model version")]))
+                                   ("best_val_loss", "best val loss"), ("seconds", "seconds"), ("model_version", "model version"),
+                                   ("node", "node")]))
     failed = [o for o in outcomes if o.status != "ok"]
     for outcome in failed:
         click.echo(f"{outcome.category} failed: {outcome.error}", err=True)

@@ -62,6 +62,7 @@ class CategoryOutcome:
     seconds: float = 0.0
     model_version: str | None = None
     device: str | None = None
+    node_id: str | None = None
     error: str | None = None
 
     def as_dict(self) -> dict:
@@ -79,6 +80,7 @@ def train_and_publish(
 ) -> CategoryOutcome:
     """Train one category (retrying divergence) and publish it; never raises for training failures."""
     torch.set_num_threads(max(1, int(num_cpus)))
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     started = time.perf_counter()
     config = train_config
     for attempt in range(1, max_attempts + 1):
@@ -88,19 +90,21 @@ def train_and_publish(
                 version = ModelStore(models_url).publish(scratch, category)
             return CategoryOutcome(
                 category, "ok", attempt, report.epochs, report.best_val_loss,
-                time.perf_counter() - started, version, report.device,
+                time.perf_counter() - started, version, report.device, node_id,
             )
         except TrainingDiverged as exc:
             log.warning("%s: %s (attempt %d/%d)", category, exc, attempt, max_attempts)
             error = str(exc)
             config = replace(config, learning_rate=config.learning_rate / 2)
         except PERMANENT_ERRORS as exc:
-            return CategoryOutcome(category, "failed", attempt, seconds=time.perf_counter() - started, error=redact(str(exc)))
+            return CategoryOutcome(category, "failed", attempt, seconds=time.perf_counter() - started,
+                                   node_id=node_id, error=redact(str(exc)))
         except Exception as exc:  # noqa: BLE001 - transient (storage, memory): retried, then reported
             log.warning("%s: attempt %d/%d failed: %s", category, attempt, max_attempts, exc)
             error = f"{type(exc).__name__}: {exc}"
             log.debug("%s", traceback.format_exc())
-    return CategoryOutcome(category, "failed", max_attempts, seconds=time.perf_counter() - started, error=redact(error))
+    return CategoryOutcome(category, "failed", max_attempts, seconds=time.perf_counter() - started,
+                           node_id=node_id, error=redact(error))
 
 
 def train_all(
