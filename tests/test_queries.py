@@ -23,11 +23,12 @@ import pytest
 from scores_data import ScoresDataset, build_scores_dataset, upload
 from uflow_batch import analysts
 
-QUERIES = Path(__file__).resolve().parents[1] / "docs" / "queries"
+QUERIES = Path(__file__).resolve().parents[1] / "uflow_batch" / "queries"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "queries.md"
 
 
 def load_examples(name: str):
-    spec = importlib.util.spec_from_file_location(name, QUERIES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, GUIDE.parent / "queries" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -160,10 +161,10 @@ def test_every_shipped_query_has_a_check_and_a_pandas_and_polars_twin():
 
 
 def test_the_analysts_guide_shows_each_query_as_it_is_in_its_file():
-    guide = (QUERIES.parent / "queries.md").read_text()
+    guide = GUIDE.read_text()
     for name in CHECKS:
         assert (QUERIES / f"{name}.sql").read_text().strip() in guide, f"docs/queries.md is out of date for {name}.sql"
-        assert f"(queries/{name}.sql)" in guide
+        assert f"(../uflow_batch/queries/{name}.sql)" in guide
 
 
 # --- DuckDB, pandas, Polars on a local root ---------------------------------------------------

@@ -1,6 +1,6 @@
 """DuckDB for analysts: a connection that reads the scores locally or on S3, and the shipped queries.
 
-The queries in ``docs/queries/*.sql`` are the documented, tested way to ask
+The queries in ``uflow_batch/queries/*.sql`` (shipped with the package) are the documented, tested way to ask
 the common questions (defect rate per night, top anomalies, errors...). They
 name the dataset as ``{root}``, so the very same file runs on a local
 directory and on an ``s3://`` prefix: :func:`run_query` fills it in.
@@ -26,7 +26,7 @@ from .storage import redact
 
 log = logging.getLogger(__name__)
 
-QUERIES_DIR = Path(__file__).resolve().parent.parent / "docs" / "queries"
+QUERIES_DIR = Path(__file__).resolve().parent / "queries"
 ROOT_PLACEHOLDER = "{root}"
 SECRET_NAME = "uflow_batch_s3"
 
@@ -125,8 +125,7 @@ def _queries_dir(queries_dir: str | Path | None) -> Path:
     directory = Path(queries_dir) if queries_dir is not None else QUERIES_DIR
     if not directory.is_dir():
         raise FileNotFoundError(
-            f"query directory {directory} not found; the queries ship in the source tree's docs/queries "
-            "(pass queries_dir= when the package is installed elsewhere)"
+            f"query directory {directory} not found"
         )
     return directory
 

@@ -332,6 +332,25 @@ def report(scores, out, top, categories, run_dates) -> None:
     )
 
 
+@main.command()
+@click.argument("name", required=False)
+@click.option("--scores", default=None, help="Root of the scores dataset (local path or s3:// URL).")
+@click.option("--limit", default=50, show_default=True, help="Rows to print at most.")
+def query(name, scores, limit) -> None:
+    """Run one of the shipped analyst queries (DuckDB); without NAME, list them."""
+    from .analysts import query_names, run_query
+
+    if not name:
+        click.echo("\n".join(query_names()))
+        return
+    if not scores:
+        raise click.UsageError("--scores is required to run a query")
+    table = run_query(name, scores)
+    click.echo(table.slice(0, limit).to_pandas().to_string(index=False))
+    if table.num_rows > limit:
+        click.echo(f"... {table.num_rows - limit} more rows")
+
+
 @main.command("backbones")
 def list_backbones() -> None:
     """List the registered backbones."""
