@@ -154,7 +154,7 @@ CHECKS: dict[str, Callable[[list[dict], ScoresDataset], None]] = {
 
 def test_every_shipped_query_has_a_check_and_a_pandas_and_polars_twin():
     assert analysts.query_names() == sorted(CHECKS)
-    source = {flavour: (QUERIES / f"{flavour}_examples.py").read_text() for flavour in ("pandas", "polars")}
+    source = {flavour: (GUIDE.parent / "queries" / f"{flavour}_examples.py").read_text() for flavour in ("pandas", "polars")}
     for name in CHECKS:
         for flavour, text in source.items():
             assert f"def {name}(root: str" in text, (flavour, name)
