@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	scripts/demo.sh
+	scripts/in-netns.sh scripts/demo.sh $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	scripts/system-deps.sh

