@@ -16,6 +16,7 @@ import pytest
 
 from uflow_batch.config import BackboneConfig, DetectorConfig, TrainConfig
 from uflow_batch.devtools.s3server import S3Server
+from uflow_batch.pipelines.cluster import ray_session
 from uflow_batch.storage import ModelStore
 from uflow_batch.synthetic import SyntheticConfig, generate_dataset
 from uflow_batch.train import train_category
@@ -53,6 +54,13 @@ TINY_SYNTHETIC = SyntheticConfig(categories=("brushed_metal", "fabric"), image_s
 
 for _name, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}.items():
     os.environ.setdefault(_name, _value)
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server: S3Server) -> Iterator[None]:
+    """A local Ray instance (per test module) whose workers reach the session's S3 server."""
+    with s3_server.apply_env(), ray_session(num_cpus=4, object_store_memory=300 * 2**20):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-import ray
 
 from uflow_batch import storage
-from uflow_batch.pipelines.cluster import ray_session
 from uflow_batch.pipelines.score import ScoreRequest, run_scoring
 from uflow_batch.storage import ModelStore
 from uflow_batch.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
@@ -30,13 +28,6 @@ from conftest import TINY_SYNTHETIC
 
 RUN_DATE = "2026-11-22"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """A local Ray instance whose workers reach the session's S3 server."""
-    with s3_server.apply_env(), ray_session(num_cpus=4, object_store_memory=300 * 2**20):
-        yield
 
 
 def output_rows(output: str) -> list[dict]:

@@ -93,7 +93,7 @@ def train_and_publish(
                 time.perf_counter() - started, version, report.device, node_id,
             )
         except TrainingDiverged as exc:
-            log.warning("%s: %s (attempt %d/%d)", category, exc, attempt, max_attempts)
+            log.warning("%s (attempt %d/%d)", exc, attempt, max_attempts)
             error = str(exc)
             config = replace(config, learning_rate=config.learning_rate / 2)
         except PERMANENT_ERRORS as exc:
