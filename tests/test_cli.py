@@ -1,0 +1,100 @@
+"""The command line as a user runs it: outputs, files and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared_data import make_tiny_mvtec
+from uflow_batch.pipelines.commit import write_part
+from uflow_batch.synthetic import write_scoring_archive
+
+from conftest import TINY_SYNTHETIC
+
+
+def uflow(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uflow_batch.cli", *args], capture_output=True, text=True, timeout=900, **kwargs)
+
+
+def test_train_then_evaluate_prints_the_metrics_table_and_writes_json(tmp_path):
+    data = make_tiny_mvtec(tmp_path / "data", n_train=8, n_good=2, n_per_defect=1)
+    model = tmp_path / "model"
+    trained = uflow("train", "--data", str(data), "--category", "tile_exp1", "--out", str(model),
+                    "--input-size", "64,64", "--epochs", "2", "--batch-size", "4")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "tile_exp1: 2 epochs" in trained.stdout and (model / "manifest.json").is_file()
+
+    report = tmp_path / "metrics.json"
+    evaluated = uflow("evaluate", "--data", str(data), "--model", str(model), "--json-out", str(report))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    header = evaluated.stdout.splitlines()[0]
+    for column in ("img AUROC", "px AUROC", "AUPRO", "IoU NFA", "IoU oracle", "IoU fair"):
+        assert column in header
+    (row,) = json.loads(report.read_text())
+    assert row["category"] == "tile_exp1" and row["n_images"] == 4 and 0.0 <= row["pixel_auroc"] <= 1.0
+
+
+def test_bad_configuration_exits_2_and_failed_work_exits_1(tmp_path):
+    bad = uflow("train", "--data", str(tmp_path), "--category", "x", "--out", str(tmp_path / "m"), "--nfa-p", "3")
+    assert bad.returncode == 2 and "nfa.p must be in (0, 1)" in bad.stderr
+    missing = uflow("train", "--data", str(tmp_path / "nowhere"), "--category", "x", "--out", str(tmp_path / "m"))
+    assert missing.returncode == 1 and "train/good" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    usage = uflow("score", "--models", "x")
+    assert usage.returncode == 2
+
+
+def job_spec(tmp_path: Path, archive_root: str, models: str, output: str) -> Path:
+    spec = {
+        "name": "test-nightly", "schedule": "0 2 * * *", "inputs": [archive_root.rstrip("/") + "/{run_date}/"],
+        "models": models, "output": output, "retention_days": 30, "ray_address": "local",
+        "resources": {"batch_size": 4, "gpus_per_actor": 0, "cpus_per_actor": 1, "actors": 1, "decode_cpus": 1},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_run_job_dry_run_then_run_then_rerun(model_store, tmp_path):
+    run_date = "2026-11-22"
+    archive = write_scoring_archive(str(tmp_path / "archive" / run_date), TINY_SYNTHETIC, n_per_category=3)
+    output = tmp_path / "scores"
+    old = write_part(str(output), "fabric", "2020-01-01", "old", _empty_rows())
+    spec = job_spec(tmp_path, str(tmp_path / "archive"), model_store, str(output))
+
+    dry = uflow("run-job", str(spec), "--run-date", run_date, "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "to score" in dry.stdout and "would delete" in dry.stdout
+    assert not (output / "category=fabric" / f"run_date={run_date}").exists() and Path(old).exists(), "a dry run changes nothing"
+
+    run = uflow("run-job", str(spec), "--run-date", run_date)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{len(archive.files)} rows" in run.stdout
+    assert not Path(old).exists(), "retention removed the expired partition after a successful run"
+
+    again = uflow("run-job", str(spec), "--run-date", run_date)
+    assert again.returncode == 0 and "0 rows in 0 part files" in again.stdout
+
+
+def _empty_rows():
+    import pyarrow as pa
+
+    from uflow_batch.pipelines.stages import RESULT_SCHEMA
+
+    row = {name: None for name in RESULT_SCHEMA.names} | {
+        "schema_version": 1, "image_uri": "old.png", "category": "fabric", "run_date": "2020-01-01", "pkey": "old",
+        "error": "no_model", "error_message": "old"}
+    return pa.Table.from_pylist([row], schema=RESULT_SCHEMA)
+
+
+def test_a_job_spec_with_a_mistake_is_refused_before_anything_runs(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: x\nschedule: '0 2 * * *'\ninputs: [a]\nmodels: b\noutput: c\nresourcez: {}\n")
+    result = uflow("run-job", str(spec))
+    assert result.returncode == 2 and "resourcez" in result.stderr
