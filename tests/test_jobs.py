@@ -11,10 +11,9 @@ import pytest
 import yaml
 
 from uflow_batch import storage
-from uflow_batch.config import ConfigError
+from uflow_batch.config import ConfigError, ScoringResources
 from uflow_batch.jobs import (
     JobSpec,
-    Resources,
     apply_retention,
     expired_run_dates,
     job_spec_from_dict,
@@ -61,7 +60,7 @@ def test_the_example_spec_loads_with_every_field_as_written():
     assert spec.categories == ("tile_exp1", "tile_exp2")
     assert spec.category_from == "path" and spec.manifest is None
     assert spec.nfa_epsilon == 1.0
-    assert spec.resources == Resources(batch_size=16, gpus_per_actor=1.0, cpus_per_actor=2.0, actors=2, decode_cpus=1.0)
+    assert spec.resources == ScoringResources(batch_size=16, gpus_per_actor=1.0, cpus_per_actor=2.0, actors=2, decode_cpus=1.0)
     assert spec.retention_days == 90 and spec.lag_days == 1 and spec.ray_address is None
 
 
@@ -70,7 +69,7 @@ def test_only_name_schedule_inputs_models_and_output_are_required():
     assert spec.categories is None  # every category with a model
     assert spec.category_from == "path"
     assert spec.nfa_epsilon is None  # each model keeps its own
-    assert spec.resources == Resources()
+    assert spec.resources == ScoringResources()
     assert spec.retention_days == 90
     assert spec.lag_days == 0
     assert spec.ray_address is None

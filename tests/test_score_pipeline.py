@@ -20,6 +20,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from uflow_batch import storage
+from uflow_batch.config import ScoringResources
 from uflow_batch.pipelines.score import ScoreRequest, run_scoring
 from uflow_batch.storage import ModelStore
 from uflow_batch.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
@@ -49,7 +50,7 @@ def assert_exactly_once(output: str, expected_uris: set[str]) -> list[dict]:
 
 def request(archive_root: str, models: str, output: str, **kwargs) -> ScoreRequest:
     return ScoreRequest(inputs=(archive_root,), models=models, output=output, run_date=RUN_DATE,
-                        batch_size=4, rows_per_file=8, **kwargs)
+                        resources=ScoringResources(batch_size=4), rows_per_file=8, **kwargs)
 
 
 def test_an_archive_gets_one_row_per_object_and_a_rerun_writes_nothing(ray_local, model_store, tmp_path):

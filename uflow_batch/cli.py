@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
-from .config import BackboneConfig, ConfigError, DetectorConfig, FlowConfig, NFAConfig, TrainConfig
+from .config import BackboneConfig, ConfigError, DetectorConfig, FlowConfig, NFAConfig, ScoringResources, TrainConfig
 from .model.backbones import available_backbones
 
 log = logging.getLogger("uflow_batch")
@@ -198,15 +197,13 @@ def _print_score_summary(summary) -> None:
 
 
 def _run_scoring(request, address: str | None, dry_run: bool):
-    from .pipelines.cluster import cluster_has_gpus, ray_session
+    from .pipelines.cluster import ray_session
     from .pipelines.score import preview, run_scoring
 
     if dry_run:
         _print_preview(preview(request))
         return None
     with ray_session(address):
-        if request.gpus_per_actor is None:
-            request = replace(request, gpus_per_actor=1.0 if cluster_has_gpus() else 0.0)
         summary = run_scoring(request)
     _print_score_summary(summary)
     return summary
@@ -230,9 +227,9 @@ def score(inputs, models, output, run_date, categories, manifest, epsilon, batch
     request = ScoreRequest(
         inputs=inputs, models=models, output=output, run_date=run_date or datetime.now(timezone.utc).date().isoformat(),
         categories=tuple(c for c in categories.split(",") if c) if categories else None,
-        category_from="manifest" if manifest else "path", manifest=manifest, epsilon=epsilon,
-        batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-        decode_cpus=decode_cpus, rows_per_file=rows_per_file,
+        category_from="manifest" if manifest else "path", manifest=manifest, epsilon=epsilon, rows_per_file=rows_per_file,
+        resources=ScoringResources(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                                   cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus),
     )
     _run_scoring(request, address, dry_run)
 
@@ -249,12 +246,10 @@ def run_job(spec, run_date, dry_run) -> None:
     job = load_job_spec(spec)
     today = datetime.now(timezone.utc).date()
     run_date = validate_run_date(run_date) if run_date else job.default_run_date(today)
-    resources = job.resources
     request = ScoreRequest(
         inputs=tuple(job.inputs_for(run_date)), models=job.models, output=job.output, run_date=run_date,
         categories=job.categories, category_from=job.category_from, manifest=job.manifest_for(run_date),
-        epsilon=job.nfa_epsilon, batch_size=resources.batch_size, actors=resources.actors,
-        gpus_per_actor=resources.gpus_per_actor, cpus_per_actor=resources.cpus_per_actor, decode_cpus=resources.decode_cpus,
+        epsilon=job.nfa_epsilon, resources=job.resources,
     )
     click.echo(f"job {job.name}: run date {run_date}, inputs {', '.join(request.inputs) or request.manifest} -> {job.output}")
     _run_scoring(request, job.ray_address, dry_run)

@@ -10,6 +10,7 @@ field, never deep inside a training loop.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -24,6 +25,15 @@ class ConfigError(ValueError):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def is_int(value: Any) -> bool:
+    """A real integer (YAML's ``true`` is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
@@ -167,3 +177,36 @@ class TrainConfig:
         _require(self.warmup_epochs >= 0, "train.warmup_epochs must be >= 0")
         _require(0.0 < self.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
         _require(self.patience >= 1, "train.patience must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScoringResources:
+    """How the scoring pipeline sizes its Ray work.
+
+    ``actors`` inference actors each hold ``gpus_per_actor`` GPUs (a fraction
+    such as 0.5 packs two actors per GPU; 0 scores on CPU; None takes one GPU
+    when the cluster has any) and ``cpus_per_actor`` CPUs, and take batches
+    of ``batch_size`` images; ``decode_cpus`` is the CPU reservation of each
+    read/decode task.
+    """
+
+    batch_size: int = 16
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    actors: int = 1
+    decode_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(is_int(self.batch_size) and self.batch_size >= 1,
+                 f"resources.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        _require(self.gpus_per_actor is None or (is_number(self.gpus_per_actor) and self.gpus_per_actor >= 0),
+                 f"resources.gpus_per_actor must be a number >= 0, got {self.gpus_per_actor!r}")
+        _require(is_number(self.cpus_per_actor) and self.cpus_per_actor > 0,
+                 f"resources.cpus_per_actor must be a number > 0, got {self.cpus_per_actor!r}")
+        _require(is_int(self.actors) and self.actors >= 1,
+                 f"resources.actors must be an integer >= 1, got {self.actors!r}")
+        _require(is_number(self.decode_cpus) and self.decode_cpus > 0,
+                 f"resources.decode_cpus must be a number > 0, got {self.decode_cpus!r}")
+        for name in ("gpus_per_actor", "cpus_per_actor", "decode_cpus"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))

@@ -17,7 +17,6 @@ the scoring pipeline.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -26,7 +25,7 @@ from typing import Any
 import yaml
 
 from uflow_batch import storage
-from uflow_batch.config import ConfigError, _require, from_dict, to_dict
+from uflow_batch.config import ConfigError, ScoringResources, _require, from_dict, is_int, is_number, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +115,6 @@ def _check_cron_field(part: str, name: str, low: int, high: int, names: dict[str
 
 # --- the spec -------------------------------------------------------------------------------
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_url(name: str, value: Any, placeholder_ok: bool) -> None:
     _require(isinstance(value, str) and value.strip() != "", f"{name} must be a non-empty URL or path, got {value!r}")
     _require(not _USERINFO_RE.match(value),
@@ -151,37 +142,6 @@ def validate_run_date(run_date: Any) -> str:
 
 
 @dataclass(frozen=True)
-class Resources:
-    """How the scoring pipeline sizes its Ray work.
-
-    ``actors`` inference actors each hold ``gpus_per_actor`` GPUs (a fraction
-    such as 0.5 packs two actors per GPU; 0 scores on CPU) and
-    ``cpus_per_actor`` CPUs and take batches of ``batch_size`` images;
-    ``decode_cpus`` is the CPU reservation of each read/decode task.
-    """
-
-    batch_size: int = 16
-    gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 2.0
-    actors: int = 2
-    decode_cpus: float = 1.0
-
-    def __post_init__(self) -> None:
-        _require(_is_int(self.batch_size) and self.batch_size >= 1,
-                 f"resources.batch_size must be an integer >= 1, got {self.batch_size!r}")
-        _require(_is_number(self.gpus_per_actor) and self.gpus_per_actor >= 0,
-                 f"resources.gpus_per_actor must be a number >= 0, got {self.gpus_per_actor!r}")
-        _require(_is_number(self.cpus_per_actor) and self.cpus_per_actor > 0,
-                 f"resources.cpus_per_actor must be a number > 0, got {self.cpus_per_actor!r}")
-        _require(_is_int(self.actors) and self.actors >= 1,
-                 f"resources.actors must be an integer >= 1, got {self.actors!r}")
-        _require(_is_number(self.decode_cpus) and self.decode_cpus > 0,
-                 f"resources.decode_cpus must be a number > 0, got {self.decode_cpus!r}")
-        for name in ("gpus_per_actor", "cpus_per_actor", "decode_cpus"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-
-
-@dataclass(frozen=True)
 class JobSpec:
     """One nightly scoring job, as declared in YAML (see ``jobs/nightly-example.yaml``).
 
@@ -199,7 +159,7 @@ class JobSpec:
     category_from: str = "path"
     manifest: str | None = None
     nfa_epsilon: float | None = None
-    resources: Resources = field(default_factory=Resources)
+    resources: ScoringResources = field(default_factory=ScoringResources)
     retention_days: int | None = 90
     lag_days: int = 0
     ray_address: str | None = None
@@ -244,16 +204,16 @@ class JobSpec:
                 object.__setattr__(self, "nfa_epsilon", float(self.nfa_epsilon))
             except ValueError:
                 pass
-        _require(self.nfa_epsilon is None or (_is_number(self.nfa_epsilon) and self.nfa_epsilon > 0),
+        _require(self.nfa_epsilon is None or (is_number(self.nfa_epsilon) and self.nfa_epsilon > 0),
                  f"nfa_epsilon must be a number > 0 (or null to keep each model's), got {self.nfa_epsilon!r}")
         if self.nfa_epsilon is not None:
             object.__setattr__(self, "nfa_epsilon", float(self.nfa_epsilon))
 
-        _require(isinstance(self.resources, Resources),
-                 f"resources must be a mapping of {sorted(Resources.__dataclass_fields__)}, got {self.resources!r}")
-        _require(self.retention_days is None or (_is_int(self.retention_days) and self.retention_days >= 1),
+        _require(isinstance(self.resources, ScoringResources),
+                 f"resources must be a mapping of {sorted(ScoringResources.__dataclass_fields__)}, got {self.resources!r}")
+        _require(self.retention_days is None or (is_int(self.retention_days) and self.retention_days >= 1),
                  f"retention_days must be an integer >= 1 (or null to keep everything), got {self.retention_days!r}")
-        _require(_is_int(self.lag_days) and self.lag_days >= 0,
+        _require(is_int(self.lag_days) and self.lag_days >= 0,
                  f"lag_days must be an integer >= 0, got {self.lag_days!r}")
         if self.retention_days is not None:
             _require(self.lag_days < self.retention_days,
@@ -293,8 +253,8 @@ def job_spec_from_dict(data: Any) -> JobSpec:
     missing = [name for name in _REQUIRED if name not in data]
     _require(not missing, f"job spec: missing required field(s) {missing}")
     if isinstance(data.get("resources"), dict):
-        unknown = sorted(set(data["resources"]) - set(Resources.__dataclass_fields__))
-        _require(not unknown, f"resources: unknown field(s) {unknown}; known: {sorted(Resources.__dataclass_fields__)}")
+        unknown = sorted(set(data["resources"]) - set(ScoringResources.__dataclass_fields__))
+        _require(not unknown, f"resources: unknown field(s) {unknown}; known: {sorted(ScoringResources.__dataclass_fields__)}")
     if data.get("resources") is None and "resources" in data:
         data = {k: v for k, v in data.items() if k != "resources"}
     return from_dict(JobSpec, data)
@@ -348,7 +308,7 @@ def expired_run_dates(existing: list[str], today: date, retention_days: int | No
     """
     if retention_days is None:
         return []
-    _require(_is_int(retention_days) and retention_days >= 1,
+    _require(is_int(retention_days) and retention_days >= 1,
              f"retention_days must be an integer >= 1 or None, got {retention_days!r}")
     cutoff = today - timedelta(days=retention_days)
     expired = set()

@@ -301,41 +301,29 @@ def _box_trace(category: str, stats: dict, color: str) -> dict:
     }
 
 
-def score_box_figure(table: pa.Table, colors: dict[str, str]) -> dict:
-    scored = _scored(table)
+def _box_figure(table: pa.Table, colors: dict[str, str], column: str, title: str, yaxis: dict) -> dict:
+    """One box per category from precomputed statistics (the page stays small however many rows)."""
     data = []
     for category in colors:
-        values = _values(scored.filter(pc.equal(scored.column("category"), category)), "image_score")
+        values = _values(table.filter(pc.equal(table.column("category"), category)), column)
         if values.size:
             data.append(_box_trace(category, box_statistics(values), colors[category]))
-    layout = {
-        "title": {"text": "Image score per category"},
-        "showlegend": False,
-        "xaxis": {"type": "category"},
-        "yaxis": {"title": {"text": "image_score"}},
-    }
+    layout = {"title": {"text": title}, "showlegend": False, "xaxis": {"type": "category"}, "yaxis": yaxis}
     return {"data": data, "layout": layout}
+
+
+def score_box_figure(table: pa.Table, colors: dict[str, str]) -> dict:
+    return _box_figure(_scored(table), colors, "image_score", "Image score per category",
+                       {"title": {"text": "image_score"}})
 
 
 def defect_area_figure(table: pa.Table, colors: dict[str, str]) -> dict:
     """Defect area of the anomalous images per category (normal images have area 0 and would hide it)."""
     scored = _scored(table)
     anomalous = scored.filter(pc.fill_null(scored.column("is_anomalous"), False))
-    data = []
-    for category in colors:
-        values = _values(anomalous.filter(pc.equal(anomalous.column("category"), category)), "defect_area_px")
-        if values.size:
-            data.append(_box_trace(category, box_statistics(values), colors[category]))
-    layout = {
-        "title": {"text": "Defect area of anomalous images"},
-        "showlegend": False,
-        "xaxis": {"type": "category"},
-        "yaxis": {"title": {"text": "defect_area_px (pixels)"}, "type": "log"},
-    }
-    return {"data": data, "layout": layout}
+    return _box_figure(anomalous, colors, "defect_area_px", "Defect area of anomalous images",
+                       {"title": {"text": "defect_area_px (pixels)"}, "type": "log"})
 
-
-# --- thumbnails ------------------------------------------------------------------------------
 
 def decode_mask(png: bytes) -> np.ndarray:
     """A ``mask_png`` value (mode "1" or "L") as bool (height, width)."""

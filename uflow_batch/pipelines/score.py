@@ -26,6 +26,7 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
 from .. import storage
+from ..config import ScoringResources
 from ..jobs import validate_run_date
 from ..model.detector import read_manifest
 from . import commit
@@ -53,11 +54,7 @@ class ScoreRequest:
     category_from: str = "path"
     manifest: str | None = None
     epsilon: float | None = None
-    batch_size: int = 16
-    actors: int = 1
-    gpus_per_actor: float | None = 0.0
-    cpus_per_actor: float = 1.0
-    decode_cpus: float = 1.0
+    resources: ScoringResources = field(default_factory=ScoringResources)
     listing_block_rows: int = 64
     rows_per_file: int = 256
     storage_retries: int = 8
@@ -69,8 +66,8 @@ class ScoreRequest:
         validate_run_date(self.run_date)
         if not self.inputs and self.category_from == "path":
             raise ValueError("no inputs to score")
-        if self.batch_size < 1 or self.actors < 1 or (self.gpus_per_actor or 0) < 0 or self.cpus_per_actor <= 0:
-            raise ValueError(f"invalid pipeline sizing in {self}")
+        if self.rows_per_file < 1 or self.listing_block_rows < 1:
+            raise ValueError(f"invalid file or block size in {self}")
 
 
 @dataclass
@@ -219,24 +216,28 @@ def run_scoring(request: ScoreRequest) -> ScoreSummary:
     summary.model_versions = versions
     configure_retries(request.storage_retries)
 
-    gpus = request.gpus_per_actor or 0.0
-    if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
+    resources = request.resources
+    gpus = resources.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    elif gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
+        # Ray would wait for the GPU forever rather than fail.
         raise RuntimeError(f"the job asks for {gpus} GPU per inference actor but the Ray cluster has none; use gpus_per_actor 0")
     sink = PartSink(request.output, request.rows_per_file)
     dataset = ray.data.read_datasource(ListingDatasource(units, request, versions, started_at))
     dataset = dataset.map_batches(
-        fetch_and_decode, fn_kwargs={"input_sizes": sizes}, batch_size=request.batch_size,
-        batch_format="pyarrow", num_cpus=request.decode_cpus,
+        fetch_and_decode, fn_kwargs={"input_sizes": sizes}, batch_size=resources.batch_size,
+        batch_format="pyarrow", num_cpus=resources.decode_cpus,
     )
     dataset = dataset.map_batches(
         CategoryScorer,
         fn_constructor_kwargs={
             "models_url": request.models, "device": "cuda" if gpus > 0 else "cpu",
-            "epsilon": request.epsilon, "num_threads": max(1, int(request.cpus_per_actor)),
+            "epsilon": request.epsilon, "num_threads": max(1, int(resources.cpus_per_actor)),
         },
-        batch_size=request.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=request.actors),
-        num_gpus=gpus, num_cpus=request.cpus_per_actor,
+        batch_size=resources.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        num_gpus=gpus, num_cpus=resources.cpus_per_actor,
     )
     dataset.write_datasink(sink)
     for written in getattr(sink, "written", []):
