@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from uflow_batch.pipelines import commit
-from uflow_batch.pipelines.listing import UNCATEGORIZED, iter_unit, plan_units, walk_sorted
+from uflow_batch.pipelines.listing import LISTING_SCHEMA, UNCATEGORIZED, iter_unit, plan_units, walk_sorted
 from uflow_batch.pipelines.rows import decode_mask_png
 from uflow_batch.pipelines.schema import FILE_SCHEMA
-from uflow_batch.pipelines.score import LISTING_SCHEMA, resolve_models
+from uflow_batch.pipelines.score import resolve_models
 from uflow_batch.pipelines.stages import RESULT_SCHEMA, CategoryScorer, fetch_and_decode
 from uflow_batch.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
 

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.nn import functional as F
 
 from . import storage
 
@@ -89,8 +87,13 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
-def resize_to_model(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+def resize_to_model(image: np.ndarray, size: tuple[int, int]) -> "torch.Tensor":
     """uint8 (H, W, 3) -> uint8 (3, h, w) at the model's input size (antialiased bilinear)."""
+    # torch is imported here rather than at the top: listing and write workers
+    # import this module and would otherwise carry ~1 GB of torch for nothing.
+    import torch
+    from torch.nn import functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     if tuple(tensor.shape[-2:]) != tuple(size):
         tensor = F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)

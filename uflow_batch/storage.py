@@ -68,6 +68,16 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not isinstance(fs, LocalFileSystem) else path
 
 
+class TransientStorageError(RuntimeError):
+    """Storage failed in a way a retry may fix; Ray Data retries the task on it."""
+
+    MARKER = "transient storage error"
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(f"{self.MARKER}: {what}: {redact(str(cause))}")
+
+
+
 _TRANSIENT = (ConnectionError, TimeoutError, OSError)
 
 

@@ -30,10 +30,17 @@ import io
 import logging
 from collections.abc import Iterable
 
+from collections import Counter
+from typing import Any
+
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
 
 from .. import storage
+from ..storage import TransientStorageError
 from .schema import FILE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -98,3 +105,40 @@ def committed(output: str, run_date: str, pkey: str, categories: Iterable[str] |
         table = pq.read_table(io.BytesIO(data), columns=["image_uri", "model_version"])
         done.update(zip(table.column("image_uri").to_pylist(), table.column("model_version").to_pylist()))
     return done
+
+
+class PartSink(Datasink):
+    """Writes each (category, run date, unit) group of a write task as one atomic part file."""
+
+    def __init__(self, output: str, rows_per_file: int) -> None:
+        self.output, self.rows_per_file = output, rows_per_file
+
+    def get_name(self) -> str:
+        return "UflowParts"
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks: Iterable[Any], ctx) -> list[dict]:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables)
+        keys = ["category", "run_date", "pkey"]
+        written = []
+        for group in table.select(keys).group_by(keys).aggregate([]).to_pylist():
+            mask = pc.and_(pc.and_(pc.equal(table["category"], group["category"]), pc.equal(table["run_date"], group["run_date"])),
+                           pc.equal(table["pkey"], group["pkey"]))
+            part = table.filter(mask)
+            try:
+                url = write_part(self.output, group["category"], group["run_date"], group["pkey"], part)
+            except Exception as exc:  # noqa: BLE001
+                raise TransientStorageError(f"write part for {group['category']}", exc) from exc
+            errors = Counter(e or "ok" for e in part.column("error").to_pylist())
+            written.append({"url": url, "category": group["category"], "rows": part.num_rows, "outcomes": dict(errors)})
+        return written
+
+    def on_write_complete(self, write_result) -> None:
+        self.written = [w for task in write_result.write_returns for w in task]

@@ -17,26 +17,28 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
 from .. import storage
+from ..storage import TransientStorageError
 from ..data import is_image_name
-from .commit import unit_key
+from .commit import committed, unit_key
 
 log = logging.getLogger(__name__)
 
 UNCATEGORIZED = "uncategorized"
 
-
-class TransientStorageError(RuntimeError):
-    """Storage failed in a way a retry may fix; Ray Data retries the task on it."""
-
-    MARKER = "transient storage error"
-
-    def __init__(self, what: str, cause: Exception) -> None:
-        super().__init__(f"{self.MARKER}: {what}: {storage.redact(str(cause))}")
+LISTING_SCHEMA = pa.schema([
+    pa.field("image_uri", pa.string()), pa.field("category", pa.string()), pa.field("model_version", pa.string()),
+    pa.field("object_size", pa.int64()), pa.field("object_etag", pa.string()),
+    pa.field("object_mtime", pa.timestamp("us", tz="UTC")), pa.field("run_date", pa.string()), pa.field("pkey", pa.string()),
+])
 
 
 @dataclass(frozen=True)
@@ -147,3 +149,44 @@ def _iter_manifest(url: str, categories: list[str] | None) -> Iterator[dict]:
         if categories is not None and category not in categories:
             continue
         yield {"image_uri": uri, "category": category, "object_size": None, "object_etag": None, "object_mtime": None}
+
+
+class ListingDatasource(Datasource):
+    """Ray Data source: one read task per unit; lists it, skips what is committed, yields bounded blocks."""
+
+    def __init__(self, units: list[ListingUnit], output: str, run_date: str, versions: dict[str, str | None],
+                 started_at: datetime, categories: list[str] | None = None, block_rows: int = 64) -> None:
+        super().__init__()
+        self.units, self.output, self.run_date, self.versions = units, output, run_date, versions
+        self.started_at, self.categories, self.block_rows = started_at, categories, block_rows
+
+    def get_name(self) -> str:
+        return "ArchiveListing"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        return [ReadTask(lambda unit=unit: self._read(unit), metadata, schema=LISTING_SCHEMA) for unit in self.units]
+
+    def _read(self, unit: ListingUnit) -> Iterable[pa.Table]:
+        scope = None if unit.category is None else [unit.category]
+        try:
+            done = committed(self.output, self.run_date, unit.key, scope)
+        except Exception as exc:  # noqa: BLE001 - cannot tell what is done: retry rather than duplicate
+            raise TransientStorageError(f"read committed parts of {unit.location}", exc) from exc
+        block, skipped = [], 0
+        for row in iter_unit(unit, self.started_at, self.categories):
+            version = self.versions.get(row["category"])
+            if (row["image_uri"], version) in done:
+                skipped += 1
+                continue
+            block.append({**row, "model_version": version, "run_date": self.run_date, "pkey": unit.key})
+            if len(block) >= self.block_rows:
+                yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
+                block = []
+        if block:
+            yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
+        if skipped:
+            log.info("%s: %d objects already scored, skipped", unit.location, skipped)

@@ -2,45 +2,41 @@
 
     plan units (driver: first level of each input)          listing.plan_units
       -> list objects, skip committed ones (read tasks)     ListingDatasource
-      -> read bytes, decode, resize (CPU tasks)             stages.fetch_and_decode
+      -> read bytes, decode, resize                         stages.fetch_and_decode
       -> batch inference + NFA (actors, GPU when asked)     stages.CategoryScorer
-      -> one atomic part file per unit and block            PartSink -> commit.write_part
+      -> one atomic part file per unit and block            commit.PartSink
 
 Nothing materializes the archive's listing or the output: read tasks list
 one directory at a time, and blocks stream through with bounded size. The
 exactly-once protocol (why and how) lives in :mod:`.commit`.
+
+Decoding runs in CPU tasks of its own when inference takes a GPU. When both
+run on CPU with the same reservation, Ray Data fuses the two stages into the
+inference actor, which saves moving decoded pixels between processes.
+Listing and write tasks import no torch, so they stay small (~100 MB, not ~1 GB).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
-from ray.data.block import BlockAccessor, BlockMetadata
-from ray.data.datasource import Datasink, Datasource, ReadTask
 
 from .. import storage
 from ..config import ScoringResources
 from ..jobs import validate_run_date
 from ..model.detector import read_manifest
+from ..storage import TransientStorageError
 from . import commit
-from .listing import ListingUnit, TransientStorageError, iter_unit, plan_units
+from .commit import PartSink
+from .listing import ListingDatasource, iter_unit, plan_units
 from .stages import CategoryScorer, fetch_and_decode
 
 log = logging.getLogger(__name__)
-
-LISTING_SCHEMA = pa.schema([
-    pa.field("image_uri", pa.string()), pa.field("category", pa.string()), pa.field("model_version", pa.string()),
-    pa.field("object_size", pa.int64()), pa.field("object_etag", pa.string()),
-    pa.field("object_mtime", pa.timestamp("us", tz="UTC")), pa.field("run_date", pa.string()), pa.field("pkey", pa.string()),
-])
-
 
 @dataclass(frozen=True)
 class ScoreRequest:
@@ -77,84 +73,6 @@ class ScoreSummary:
     by_category: dict[str, Counter] = field(default_factory=dict)
     model_versions: dict[str, str | None] = field(default_factory=dict)
     units: int = 0
-
-
-class ListingDatasource(Datasource):
-    """One read task per listing unit: lists it, skips what is committed, yields bounded blocks."""
-
-    def __init__(self, units: list[ListingUnit], request: ScoreRequest, versions: dict[str, str | None], started_at: datetime) -> None:
-        super().__init__()
-        self.units, self.request, self.versions, self.started_at = units, request, versions, started_at
-
-    def get_name(self) -> str:
-        return "ArchiveListing"
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
-        metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return [ReadTask(lambda unit=unit: self._read(unit), metadata, schema=LISTING_SCHEMA) for unit in self.units]
-
-    def _read(self, unit: ListingUnit) -> Iterable[pa.Table]:
-        request = self.request
-        scope = None if unit.category is None else [unit.category]
-        try:
-            done = commit.committed(request.output, request.run_date, unit.key, scope)
-        except Exception as exc:  # noqa: BLE001 - cannot tell what is done: retry rather than duplicate
-            raise TransientStorageError(f"read committed parts of {unit.location}", exc) from exc
-        categories = list(request.categories) if request.categories else None
-        block, skipped = [], 0
-        for row in iter_unit(unit, self.started_at, categories):
-            version = self.versions.get(row["category"])
-            if (row["image_uri"], version) in done:
-                skipped += 1
-                continue
-            block.append({**row, "model_version": version, "run_date": request.run_date, "pkey": unit.key})
-            if len(block) >= request.listing_block_rows:
-                yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
-                block = []
-        if block:
-            yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
-        if skipped:
-            log.info("%s: %d objects already scored, skipped", unit.location, skipped)
-
-
-class PartSink(Datasink):
-    """Writes each (category, run date, unit) group of a write task as one atomic part file."""
-
-    def __init__(self, output: str, rows_per_file: int) -> None:
-        self.output, self.rows_per_file = output, rows_per_file
-
-    def get_name(self) -> str:
-        return "UflowParts"
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks: Iterable[Any], ctx) -> list[dict]:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return []
-        table = pa.concat_tables(tables)
-        keys = ["category", "run_date", "pkey"]
-        written = []
-        for group in table.select(keys).group_by(keys).aggregate([]).to_pylist():
-            mask = pc.and_(pc.and_(pc.equal(table["category"], group["category"]), pc.equal(table["run_date"], group["run_date"])),
-                           pc.equal(table["pkey"], group["pkey"]))
-            part = table.filter(mask)
-            try:
-                url = commit.write_part(self.output, group["category"], group["run_date"], group["pkey"], part)
-            except Exception as exc:  # noqa: BLE001
-                raise TransientStorageError(f"write part for {group['category']}", exc) from exc
-            errors = Counter(e or "ok" for e in part.column("error").to_pylist())
-            written.append({"url": url, "category": group["category"], "rows": part.num_rows, "outcomes": dict(errors)})
-        return written
-
-    def on_write_complete(self, write_result) -> None:
-        self.written = [w for task in write_result.write_returns for w in task]
 
 
 def resolve_models(models_url: str, categories: Iterable[str]) -> tuple[dict[str, str | None], dict[str, tuple[int, int]]]:
@@ -224,7 +142,9 @@ def run_scoring(request: ScoreRequest) -> ScoreSummary:
         # Ray would wait for the GPU forever rather than fail.
         raise RuntimeError(f"the job asks for {gpus} GPU per inference actor but the Ray cluster has none; use gpus_per_actor 0")
     sink = PartSink(request.output, request.rows_per_file)
-    dataset = ray.data.read_datasource(ListingDatasource(units, request, versions, started_at))
+    categories = list(request.categories) if request.categories else None
+    source = ListingDatasource(units, request.output, request.run_date, versions, started_at, categories, request.listing_block_rows)
+    dataset = ray.data.read_datasource(source)
     dataset = dataset.map_batches(
         fetch_and_decode, fn_kwargs={"input_sizes": sizes}, batch_size=resources.batch_size,
         batch_format="pyarrow", num_cpus=resources.decode_cpus,

@@ -22,9 +22,9 @@ import torch
 
 from .. import data, storage
 from ..model.detector import UFlowDetector
+from ..storage import TransientStorageError
 from ..train import resolve_device
 from . import rows
-from .listing import TransientStorageError
 from .schema import FILE_SCHEMA
 
 log = logging.getLogger(__name__)
