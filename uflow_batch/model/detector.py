@@ -84,7 +84,7 @@ class UFlowDetector(nn.Module):
     def latents(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.flow(features)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_maps(self, images: torch.Tensor) -> ScoreMaps:
         """Anomaly and -log10 NFA maps for uint8 images already at input size."""
         latents, _ = self.latents(self.features(images))

@@ -104,7 +104,7 @@ class NFA(nn.Module):
         than inventing evidence. Summing through average pooling with a unit
         divisor stays exact for integer counts (no TF32 matrix units involved).
         """
-        per_pixel = (latent.pow(2) > self.threshold).sum(dim=1, keepdim=True, dtype=torch.float32)
+        per_pixel = (latent.pow(2) > self.threshold).float().sum(dim=1, keepdim=True)
         counts = F.avg_pool2d(per_pixel, window, stride=1, padding=window // 2, count_include_pad=True, divisor_override=1)
         return counts.round().long()[:, 0]
 
