@@ -54,6 +54,9 @@ fi
 step "Training every category in parallel (Ray tasks)"
 show $UFLOW train-all --data "$BUCKET/data" --models "$BUCKET/models" --epochs "$EPOCHS"
 
+step "How good are the models? Their test split, with exact defect masks"
+show $UFLOW evaluate --data "$BUCKET/data" --models "$BUCKET/models"
+
 step "Running the nightly scoring job (Ray Data, Parquet to S3)"
 show $UFLOW run-job jobs/demo-nightly.yaml --run-date "$RUN_DATE"
 

@@ -42,6 +42,7 @@ def test_training_writes_weights_and_a_self_describing_manifest(trained):
     assert manifest["category"] == "tile_exp1"
     assert manifest["config"]["backbone"]["input_size"] == [64, 64]
     assert manifest["config"]["backbone"]["name"] == "lite0"
+    assert manifest["config"]["backbone"]["layers"] == [1, 2, 3, 4], "the stages used are recorded, not left to a default"
     assert manifest["config"]["nfa"] == {"p": 0.9, "windows": [5, 3], "epsilon": 1.0}
     assert len(manifest["backbone_sha256"]) == 64
     assert manifest["training"]["n_train"] + manifest["training"]["n_val"] == 12

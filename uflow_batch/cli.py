@@ -280,23 +280,37 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]], first: tuple[
     return "\n".join(lines)
 
 
+def _models_to_evaluate(model_dirs: tuple[str, ...], store_url: str | None) -> list[tuple[str, str | None]]:
+    """(local model directory, category) pairs from --model options and/or a model store."""
+    from .storage import ModelStore
+
+    pairs: list[tuple[str, str | None]] = [(directory, None) for directory in model_dirs]
+    if store_url:
+        store = ModelStore(store_url)
+        pairs += [(str(store.fetch(category)[0]), category) for category in store.categories()]
+    if not pairs:
+        raise click.UsageError("give --model DIR (repeatable) or --models STORE_URL")
+    return pairs
+
+
 @main.command()
-@click.option("--data", required=True, help="Dataset root (MVTec AD layout) holding the category's test split.")
-@click.option("--model", "models", required=True, multiple=True, help="Model directory; repeat for several categories.")
+@click.option("--data", required=True, help="Dataset root (MVTec AD layout) holding the test split; local path or URL.")
+@click.option("--model", "model_dirs", multiple=True, help="Local model directory; repeat for several categories.")
+@click.option("--models", "store_url", default=None, help="Model store URL: evaluate the current model of every category.")
 @click.option("--category", default=None, help="Category to evaluate (default: the one recorded in the model).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
-def evaluate(data, models, category, device, batch_size, json_out) -> None:
+def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out) -> None:
     """Image/pixel AUROC, AUPRO and mask IoU (NFA, oracle, fair) on the test split."""
     from .evaluate import evaluate_detector
     from .model.detector import UFlowDetector
     from .train import resolve_device
 
     rows = []
-    for model_dir in models:
+    for model_dir, store_category in _models_to_evaluate(model_dirs, store_url):
         detector = UFlowDetector.load(model_dir, device=resolve_device(device))
-        name = category or detector.manifest.get("category")
+        name = category or store_category or detector.manifest.get("category")
         if not name:
             raise click.UsageError(f"{model_dir} records no category; pass --category")
         with tqdm(desc=f"evaluate {name}", unit="img", file=sys.stderr) as bar:

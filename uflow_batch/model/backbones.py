@@ -41,6 +41,7 @@ class FeatureExtractor(nn.Module):
 
     channels: tuple[int, ...]
     strides: tuple[int, ...]
+    layers: tuple[int, ...] | None = None  # the stages used, for backbones cut at stages
 
     def freeze(self) -> FeatureExtractor:
         self.eval()
@@ -66,6 +67,7 @@ class TimmCNNExtractor(FeatureExtractor):
         self.body = body
         self.channels = tuple(body.feature_info.channels())
         self.strides = tuple(body.feature_info.reduction())
+        self.layers = tuple(body.feature_info.out_indices)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(images))

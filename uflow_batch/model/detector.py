@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,12 @@ def negative_log_likelihood(latents: list[torch.Tensor], log_jac_det: torch.Tens
 class UFlowDetector(nn.Module):
     def __init__(self, config: DetectorConfig, extractor: FeatureExtractor | None = None) -> None:
         super().__init__()
-        self.config = config
         self.manifest: dict[str, Any] = {}
         self.extractor = extractor if extractor is not None else build_extractor(config.backbone)
+        if config.backbone.layers is None and self.extractor.layers is not None:
+            # Record the stages actually used, so a saved model does not depend on a registry default.
+            config = replace(config, backbone=replace(config.backbone, layers=self.extractor.layers))
+        self.config = config
         spec = backbone_spec(config.backbone.name)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
