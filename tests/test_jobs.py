@@ -145,6 +145,10 @@ BAD_SPECS = [
     ("lag reaching retention", spec_with(retention_days=2, lag_days=2), "lag_days"),
     ("negative lag", spec_with(lag_days=-1), "lag_days"),
     ("bad ray address", spec_with(ray_address="my cluster"), "ray_address"),
+    ("category pattern without its group", spec_with(category_pattern="^([^/]+)/"), "group named 'category'"),
+    ("category pattern that is no regex", spec_with(category_pattern="(?P<category>["), "not a valid regular expression"),
+    ("category pattern with a manifest", spec_with(category_from="manifest", manifest="s3://b/m.csv",
+                                                   category_pattern="(?P<category>[^/]+)/"), "category_pattern"),
 ]
 
 

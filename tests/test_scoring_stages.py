@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from uflow_batch.config import ConfigError
 from uflow_batch.pipelines import commit
 from uflow_batch.pipelines.listing import LISTING_SCHEMA, UNCATEGORIZED, iter_unit, plan_units, walk_sorted
 from uflow_batch.pipelines.rows import decode_mask_png
@@ -69,6 +70,24 @@ def test_listing_is_sorted_recursive_and_leaves_newer_objects_for_the_next_run(t
     (tmp_path / "a" / "late.png").write_bytes(b"x")
     unit = plan_units([str(tmp_path)])[0]
     assert [Path(r["image_uri"]).name for r in iter_unit(unit, cutoff)] == ["1.png", "3.png"]
+
+
+def test_a_category_pattern_reads_the_category_from_deeper_in_the_path(tmp_path):
+    for name in ["line1/cam1/fabric/a.png", "line1/cam2/washer/b.png", "line2/cam1/fabric/c.png", "line2/notes/d.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    pattern = r"^line\d/cam\d/(?P<category>[^/]+)/"
+    later = datetime.now(timezone.utc) + timedelta(seconds=5)
+    units = plan_units([str(tmp_path)], pattern=pattern)
+    assert [u.category for u in units] == [None, None], "a unit may hold several categories"
+    rows = [r for unit in units for r in iter_unit(unit, later)]
+    assert [(Path(r["image_uri"]).name, r["category"]) for r in rows] == [
+        ("a.png", "fabric"), ("b.png", "washer"), ("c.png", "fabric"), ("d.png", UNCATEGORIZED)]
+    only = [r["category"] for unit in plan_units([str(tmp_path)], categories=["fabric"], pattern=pattern)
+            for r in iter_unit(unit, later, ["fabric"])]
+    assert only == ["fabric", "fabric"]
+    with pytest.raises(ConfigError, match="group named 'category'"):
+        plan_units([str(tmp_path)], pattern=r"^([^/]+)/")
 
 
 def test_manifest_units_take_categories_from_the_manifest(tmp_path):

@@ -45,6 +45,7 @@ def test_training_writes_weights_and_a_self_describing_manifest(trained):
     assert manifest["config"]["backbone"]["layers"] == [1, 2, 3, 4], "the stages used are recorded, not left to a default"
     assert manifest["config"]["nfa"] == {"p": 0.9, "windows": [5, 3], "epsilon": 1.0}
     assert len(manifest["backbone_sha256"]) == 64
+    assert manifest["normalization"]["mean"] == [0.5, 0.5, 0.5] and manifest["normalization"]["std"] == [0.5, 0.5, 0.5]
     assert manifest["training"]["n_train"] + manifest["training"]["n_val"] == 12
     assert len(manifest["training"]["data_fingerprint"]) == 64
     assert manifest["package_version"]

@@ -216,10 +216,13 @@ def _run_scoring(request, address: str | None, dry_run: bool):
 @click.option("--output", required=True, help="Output root; Parquet lands in <output>/category=<c>/run_date=<d>/.")
 @click.option("--run-date", default=None, help="Run date YYYY-MM-DD (default: today, UTC).")
 @click.option("--categories", default=None, help="Comma-separated categories to score (default: all folders found).")
+@click.option("--category-pattern", default=None,
+              help="Regex with a group named 'category', searched in each object's path under its input root "
+                   "(default: the first folder, i.e. '^(?P<category>[^/]+)/').")
 @click.option("--manifest", default=None, help="CSV/JSONL manifest (uri,category) instead of categories from paths.")
 @click.option("--epsilon", default=None, type=float, help="Override the models' NFA threshold epsilon.")
 @scoring_options
-def score(inputs, models, output, run_date, categories, manifest, epsilon, batch_size, actors, gpus_per_actor,
+def score(inputs, models, output, run_date, categories, category_pattern, manifest, epsilon, batch_size, actors, gpus_per_actor,
           cpus_per_actor, decode_cpus, rows_per_file, address, dry_run) -> None:
     """Score image archives into Parquet (streaming, resumable, one row per image)."""
     from .pipelines.score import ScoreRequest
@@ -227,7 +230,8 @@ def score(inputs, models, output, run_date, categories, manifest, epsilon, batch
     request = ScoreRequest(
         inputs=inputs, models=models, output=output, run_date=run_date or datetime.now(timezone.utc).date().isoformat(),
         categories=tuple(c for c in categories.split(",") if c) if categories else None,
-        category_from="manifest" if manifest else "path", manifest=manifest, epsilon=epsilon, rows_per_file=rows_per_file,
+        category_from="manifest" if manifest else "path", category_pattern=category_pattern, manifest=manifest,
+        epsilon=epsilon, rows_per_file=rows_per_file,
         resources=ScoringResources(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                                    cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus),
     )
@@ -248,7 +252,8 @@ def run_job(spec, run_date, dry_run) -> None:
     run_date = validate_run_date(run_date) if run_date else job.default_run_date(today)
     request = ScoreRequest(
         inputs=tuple(job.inputs_for(run_date)), models=job.models, output=job.output, run_date=run_date,
-        categories=job.categories, category_from=job.category_from, manifest=job.manifest_for(run_date),
+        categories=job.categories, category_from=job.category_from, category_pattern=job.category_pattern,
+        manifest=job.manifest_for(run_date),
         epsilon=job.nfa_epsilon, resources=job.resources,
     )
     click.echo(f"job {job.name}: run date {run_date}, inputs {', '.join(request.inputs) or request.manifest} -> {job.output}")

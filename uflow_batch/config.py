@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -64,6 +65,17 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain JSON-ready dict (tuples become lists)."""
     return dataclasses.asdict(config)
+
+
+def check_category_pattern(pattern: str) -> re.Pattern:
+    """A regex that reads an image's category from its path: it needs a group named ``category``."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"category pattern {pattern!r} is not a valid regular expression: {exc}") from None
+    _require("category" in compiled.groupindex,
+             f"category pattern {pattern!r} needs a group named 'category', e.g. '^(?P<category>[^/]+)/'")
+    return compiled
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,16 @@ from typing import Any
 import yaml
 
 from uflow_batch import storage
-from uflow_batch.config import ConfigError, ScoringResources, _require, from_dict, is_int, is_number, to_dict
+from uflow_batch.config import (
+    ConfigError,
+    ScoringResources,
+    _require,
+    check_category_pattern,
+    from_dict,
+    is_int,
+    is_number,
+    to_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +166,7 @@ class JobSpec:
     output: str
     categories: tuple[str, ...] | None = None
     category_from: str = "path"
+    category_pattern: str | None = None
     manifest: str | None = None
     nfa_epsilon: float | None = None
     resources: ScoringResources = field(default_factory=ScoringResources)
@@ -192,6 +202,9 @@ class JobSpec:
 
         _require(self.category_from in CATEGORY_SOURCES,
                  f"category_from must be one of {list(CATEGORY_SOURCES)}, got {self.category_from!r}")
+        if self.category_pattern is not None:
+            _require(self.category_from == "path", "category_pattern is only used with category_from: path")
+            check_category_pattern(self.category_pattern)
         if self.category_from == "manifest":
             _require(self.manifest is not None, "manifest: a manifest URL is required when category_from is 'manifest'")
             _check_url("manifest", self.manifest, placeholder_ok=True)

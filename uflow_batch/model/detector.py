@@ -134,6 +134,7 @@ class UFlowDetector(nn.Module):
             "package_version": __version__,
             "config": to_dict(self.config),
             "backbone_sha256": self.backbone_checksum(),
+            "normalization": {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), "input": "RGB uint8 / 255"},
             "feature_shapes": [list(s) for s in self.flow.feature_shapes],
             "latent_shapes": [list(s) for s in self.flow.latent_shapes],
             **(manifest or {}),

@@ -34,8 +34,17 @@ def forwarded_env() -> dict[str, str]:
     return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
 
 
-def cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+def gpus_per_worker(requested: float | None) -> float:
+    """GPUs to ask for per task or actor: None means one if the cluster has any, else none.
+
+    Asking a cluster without GPUs for one makes Ray wait forever, so that is an error here.
+    """
+    available = ray.cluster_resources().get("GPU", 0)
+    if requested is None:
+        return 1.0 if available > 0 else 0.0
+    if requested > 0 and available < requested:
+        raise RuntimeError(f"{requested} GPU requested per worker but the Ray cluster has {available:g}; ask for 0 GPUs to use CPUs")
+    return float(requested)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from .. import storage
 from ..storage import TransientStorageError
+from ..config import check_category_pattern
 from ..data import is_image_name
 from .commit import committed, unit_key
 
@@ -45,30 +47,50 @@ LISTING_SCHEMA = pa.schema([
 class ListingUnit:
     key: str
     location: str  # the prefix URL or the manifest URL
-    category: str | None  # None: categories come from the manifest rows
+    category: str | None  # None: each object's category comes from the pattern or the manifest
     kind: str  # "prefix", "files" (objects directly under an input root) or "manifest"
+    root: str = ""  # the input root the location lies under
+    pattern: str | None = None  # regex with a group named "category", searched in the path under root
 
 
 def plan_units(inputs: list[str], category_from: str = "path", manifest: str | None = None,
-               categories: list[str] | None = None) -> list[ListingUnit]:
-    """Units for the driver to hand out; only the first level of each input is listed here."""
+               categories: list[str] | None = None, pattern: str | None = None) -> list[ListingUnit]:
+    """Units for the driver to hand out; only the first level of each input is listed here.
+
+    By default an object's category is the first folder under its input root,
+    so each folder is a unit of one category. With ``pattern``, the category
+    is read from each object's path and a unit may hold several.
+    """
     if category_from == "manifest":
         if not manifest:
             raise ValueError("category_from='manifest' needs a manifest URL")
         return [ListingUnit(unit_key(manifest), manifest, None, "manifest")]
+    if pattern is not None:
+        check_category_pattern(pattern)
     units = []
     for root in inputs:
         fs, path = storage.filesystem(root)
         entries = storage.with_retries(lambda: fs.ls(path, detail=True), f"list {root}")
         for entry in sorted(entries, key=lambda e: e["name"]):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry["type"] == "directory" and (categories is None or name in categories):
-                location = storage.full_url(fs, entry["name"].rstrip("/"))
-                units.append(ListingUnit(unit_key(location), location, name, "prefix"))
+            if entry["type"] != "directory":
+                continue
+            location = storage.full_url(fs, entry["name"].rstrip("/"))
+            if pattern is not None:
+                units.append(ListingUnit(unit_key(location), location, None, "prefix", root, pattern))
+            elif categories is None or name in categories:
+                units.append(ListingUnit(unit_key(location), location, name, "prefix", root))
         has_loose_files = any(e["type"] == "file" and is_image_name(e["name"]) for e in entries)
-        if has_loose_files and categories is None:
-            units.append(ListingUnit(unit_key(root.rstrip("/") + "/*"), root, UNCATEGORIZED, "files"))
+        if has_loose_files and (categories is None or pattern is not None):
+            category = None if pattern is not None else UNCATEGORIZED
+            units.append(ListingUnit(unit_key(root.rstrip("/") + "/*"), root, category, "files", root, pattern))
     return units
+
+
+def _relative(url: str, root: str) -> str:
+    root_path = storage.filesystem(root)[1].rstrip("/")
+    path = storage.filesystem(url)[1]
+    return path[len(root_path) + 1:] if path.startswith(root_path + "/") else path
 
 
 def _mtime(info: dict) -> datetime | None:
@@ -125,6 +147,7 @@ def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | N
     if unit.kind == "manifest":
         yield from _iter_manifest(unit.location, categories)
         return
+    pattern = re.compile(unit.pattern) if unit.pattern else None
     for url, info in walk_sorted(unit.location, recursive=unit.kind == "prefix"):
         if not is_image_name(url):
             continue
@@ -132,7 +155,13 @@ def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | N
         if modified is not None and modified > started_at:
             log.info("leaving %s for the next run: modified after this run started", url)
             continue
-        yield object_row(url, info, unit.category)
+        category = unit.category
+        if pattern is not None:
+            match = pattern.search(_relative(url, unit.root))
+            category = match.group("category") if match else UNCATEGORIZED
+            if categories is not None and category not in categories:
+                continue
+        yield object_row(url, info, category)
 
 
 def _iter_manifest(url: str, categories: list[str] | None) -> Iterator[dict]:

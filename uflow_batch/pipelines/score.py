@@ -27,11 +27,12 @@ from datetime import datetime, timezone
 import ray
 
 from .. import storage
-from ..config import ScoringResources
+from ..config import ScoringResources, check_category_pattern
 from ..jobs import validate_run_date
 from ..model.detector import read_manifest
 from ..storage import TransientStorageError
 from . import commit
+from .cluster import gpus_per_worker
 from .commit import PartSink
 from .listing import ListingDatasource, iter_unit, plan_units
 from .stages import CategoryScorer, fetch_and_decode
@@ -48,6 +49,7 @@ class ScoreRequest:
     run_date: str
     categories: tuple[str, ...] | None = None
     category_from: str = "path"
+    category_pattern: str | None = None
     manifest: str | None = None
     epsilon: float | None = None
     resources: ScoringResources = field(default_factory=ScoringResources)
@@ -60,10 +62,18 @@ class ScoreRequest:
         if self.categories is not None:
             object.__setattr__(self, "categories", tuple(self.categories))
         validate_run_date(self.run_date)
+        if self.category_pattern is not None:
+            check_category_pattern(self.category_pattern)
         if not self.inputs and self.category_from == "path":
             raise ValueError("no inputs to score")
         if self.rows_per_file < 1 or self.listing_block_rows < 1:
             raise ValueError(f"invalid file or block size in {self}")
+
+
+    @property
+    def category_filter(self) -> list[str] | None:
+        """The categories to score, or None for every category found."""
+        return list(self.categories) if self.categories else None
 
 
 @dataclass
@@ -94,8 +104,8 @@ def preview(request: ScoreRequest) -> dict[str, Counter]:
     Lists everything in the driver, so it is for ``--dry-run``, not for the run itself.
     """
     started_at = datetime.now(timezone.utc)
-    categories = list(request.categories) if request.categories else None
-    units = plan_units(list(request.inputs), request.category_from, request.manifest, categories)
+    categories = request.category_filter
+    units = plan_units(list(request.inputs), request.category_from, request.manifest, categories, request.category_pattern)
     store = storage.ModelStore(request.models)
     versions: dict[str, str | None] = {}
     counts: dict[str, Counter] = {}
@@ -121,29 +131,24 @@ def configure_retries(attempts: int) -> None:
 def run_scoring(request: ScoreRequest) -> ScoreSummary:
     """Score everything under the request's inputs that this model version has not scored yet."""
     started_at = datetime.now(timezone.utc)
-    units = plan_units(list(request.inputs), request.category_from, request.manifest,
-                       list(request.categories) if request.categories else None)
+    units = plan_units(list(request.inputs), request.category_from, request.manifest, request.category_filter,
+                       request.category_pattern)
     summary = ScoreSummary(units=len(units))
     if not units:
         log.warning("nothing to score under %s", ", ".join(request.inputs) or request.manifest)
         return summary
-    known = [u.category for u in units if u.category] or list(storage.ModelStore(request.models).categories())
-    if request.category_from == "manifest":
+    known = [u.category for u in units if u.category]
+    if any(u.category is None for u in units):  # manifest units: categories show up row by row
         known += storage.ModelStore(request.models).categories()
     versions, sizes = resolve_models(request.models, known)
     summary.model_versions = versions
     configure_retries(request.storage_retries)
 
     resources = request.resources
-    gpus = resources.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    elif gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
-        # Ray would wait for the GPU forever rather than fail.
-        raise RuntimeError(f"the job asks for {gpus} GPU per inference actor but the Ray cluster has none; use gpus_per_actor 0")
+    gpus = gpus_per_worker(resources.gpus_per_actor)
     sink = PartSink(request.output, request.rows_per_file)
-    categories = list(request.categories) if request.categories else None
-    source = ListingDatasource(units, request.output, request.run_date, versions, started_at, categories, request.listing_block_rows)
+    source = ListingDatasource(units, request.output, request.run_date, versions, started_at,
+                               request.category_filter, request.listing_block_rows)
     dataset = ray.data.read_datasource(source)
     dataset = dataset.map_batches(
         fetch_and_decode, fn_kwargs={"input_sizes": sizes}, batch_size=resources.batch_size,

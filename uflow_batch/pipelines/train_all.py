@@ -30,6 +30,7 @@ from .. import data
 from ..config import DetectorConfig, TrainConfig
 from ..storage import ModelStore, redact
 from ..train import TrainingDiverged, TrainingError, train_category
+from .cluster import gpus_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,7 @@ def train_all(
     outcomes = [CategoryOutcome(c, "failed", 0, error=f"no category {c!r} with train/good under {data_url}") for c in unknown]
     todo = [c for c in categories if c in available]
 
-    num_gpus = resources.num_gpus
-    if num_gpus is None:
-        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    num_gpus = gpus_per_worker(resources.num_gpus)
     if num_gpus == 0 and train_config.device == "auto":
         train_config = replace(train_config, device="cpu")  # a CPU task must not take a GPU it did not ask for
     task = ray.remote(train_and_publish).options(
