@@ -21,7 +21,9 @@ import pyarrow as pa
 import torch
 
 from .. import data, storage
-from ..model.detector import UFlowDetector
+from ..config import ConfigError
+from ..model.backbones import BackboneWeightsError
+from ..model.detector import ModelFormatError, UFlowDetector
 from ..storage import TransientStorageError
 from ..train import resolve_device
 from . import rows
@@ -134,9 +136,11 @@ class CategoryScorer:
     def _score_group(self, category: str, version: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         try:
             detector = self.detector(category, version)
-        except Exception as exc:  # noqa: BLE001 - an unusable model: every image says so
-            message = f"model {category}/{version} could not be loaded: {type(exc).__name__}: {exc}"
+        except (ModelFormatError, ConfigError, BackboneWeightsError) as exc:  # an unusable model: every image says so
+            message = f"model {category}/{version} cannot be used: {type(exc).__name__}: {exc}"
             return [_with_routing(rows.error_row(i, "inference_error", message, i["width"], i["height"]), i) for i in items]
+        except Exception as exc:  # noqa: BLE001 - fetching it failed: retry the task rather than commit errors
+            raise TransientStorageError(f"load model {category}/{version}", exc) from exc
         try:
             return self._infer(detector, items)
         except Exception:  # noqa: BLE001 - find the image that breaks the batch
