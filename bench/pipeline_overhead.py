@@ -41,7 +41,6 @@ the same state.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import platform
@@ -63,11 +62,11 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from uflow_batch import storage  # noqa: E402
-from uflow_batch.config import BackboneConfig, DetectorConfig, TrainConfig  # noqa: E402
+from uflow_batch.config import BackboneConfig, DetectorConfig, ScoreRequest, ScoringResources, TrainConfig  # noqa: E402
 from uflow_batch.pipelines import commit  # noqa: E402
 from uflow_batch.pipelines.cluster import ray_session  # noqa: E402
-from uflow_batch.pipelines.listing import iter_unit, plan_units  # noqa: E402
-from uflow_batch.pipelines.score import LISTING_SCHEMA, PartSink, ScoreRequest, resolve_models, run_scoring  # noqa: E402
+from uflow_batch.pipelines.listing import ListingContext, iter_unit, plan_units, read_unit  # noqa: E402
+from uflow_batch.pipelines.score import categories_in, resolve_models, run_scoring  # noqa: E402
 from uflow_batch.pipelines.stages import CategoryScorer, fetch_and_decode  # noqa: E402
 from uflow_batch.storage import ModelStore  # noqa: E402
 from uflow_batch.synthetic import SyntheticConfig, generate_dataset, write_scoring_archive  # noqa: E402
@@ -222,20 +221,10 @@ def count_images(archive: str) -> int:
 
 
 def make_request(archive: str, models: str, output: str, args: argparse.Namespace) -> ScoreRequest:
-    sizing = {"batch_size": args.batch_size, "actors": 1, "gpus_per_actor": 1.0 if args.device == "cuda" else 0.0,
-              "cpus_per_actor": float(args.threads), "decode_cpus": 1.0}
-    fields = {f.name for f in dataclasses.fields(ScoreRequest)}
-    if "resources" in fields:  # sizing grouped in ScoringResources (newer package versions)
-        from uflow_batch.config import ScoringResources
-
-        sizing = {"resources": ScoringResources(**sizing)}
-    return ScoreRequest(inputs=(archive,), models=models, output=output, run_date=RUN_DATE, **sizing)
-
-
-def sizing_of(request: ScoreRequest) -> tuple[int, float]:
-    """(batch size, CPUs per actor) of a request, whichever way the package groups them."""
-    holder = getattr(request, "resources", request)
-    return holder.batch_size, holder.cpus_per_actor
+    resources = ScoringResources(batch_size=args.batch_size, actors=1,
+                                 gpus_per_actor=1.0 if args.device == "cuda" else 0.0,
+                                 cpus_per_actor=float(args.threads), decode_cpus=1.0)
+    return ScoreRequest(inputs=(archive,), models=models, output=output, run_date=RUN_DATE, resources=resources)
 
 
 # --- the two ways of running the same stages -----------------------------------------------------
@@ -243,18 +232,20 @@ def sizing_of(request: ScoreRequest) -> tuple[int, float]:
 def score_in_process(request: ScoreRequest, device: str) -> int:
     """``run_scoring``'s stages in one loop, without Ray; returns rows written.
 
-    Mirrors ``ListingDatasource._read`` (committed check, rows with version,
-    run date and unit key), the two ``map_batches`` stages at the same batch
-    size, and ``PartSink`` (a write once ``rows_per_file`` rows are pending).
+    The same listing (``read_unit``, committed-part check included), the two
+    batch stages at the same batch size, and ``PartSink`` (a write once
+    ``rows_per_file`` rows are pending).
     """
-    started_at = datetime.now(timezone.utc)
-    units = plan_units(list(request.inputs), request.category_from, request.manifest,
-                       list(request.categories) if request.categories else None)
-    versions, sizes = resolve_models(request.models, [u.category for u in units if u.category])
-    batch_size, cpus_per_actor = sizing_of(request)
+    units = plan_units(list(request.inputs), request.category_from, request.manifest, request.category_filter,
+                       request.category_pattern)
+    models = resolve_models(request.models, categories_in(units, request.models))
+    resources = request.resources
+    run_id = commit.new_run_id()
+    context = ListingContext(request.output, request.run_date, run_id, models.versions, datetime.now(timezone.utc),
+                             request.category_filter, resources.batch_size)
     scorer = CategoryScorer(request.models, device=device, epsilon=request.epsilon,
-                            num_threads=max(1, int(cpus_per_actor)))
-    sink = PartSink(request.output, request.rows_per_file)
+                            num_threads=max(1, int(resources.cpus_per_actor)))
+    sink = commit.PartSink(request.output, request.rows_per_file, run_id)
     pending: list[pa.Table] = []
     written = 0
 
@@ -266,18 +257,9 @@ def score_in_process(request: ScoreRequest, device: str) -> int:
             pending = []
 
     for unit in units:
-        done = commit.committed(request.output, request.run_date, unit.key, None if unit.category is None else [unit.category])
-        batch: list[dict] = []
-        rows = (r for r in iter_unit(unit, started_at) if (r["image_uri"], versions.get(r["category"])) not in done)
-        for row in rows:
-            batch.append({**row, "model_version": versions.get(row["category"]), "run_date": request.run_date, "pkey": unit.key})
-            if len(batch) == batch_size:
-                pending.append(scorer(fetch_and_decode(pa.Table.from_pylist(batch, schema=LISTING_SCHEMA), sizes)))
-                batch = []
-                flush(False)
-        if batch:
-            pending.append(scorer(fetch_and_decode(pa.Table.from_pylist(batch, schema=LISTING_SCHEMA), sizes)))
-        flush(False)
+        for listed in read_unit(unit, context):  # blocks of batch_size rows
+            pending.append(scorer(fetch_and_decode(listed, models.input_sizes, models.unusable)))
+            flush(False)
     flush(True)
     return written
 

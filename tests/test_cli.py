@@ -65,7 +65,7 @@ def test_run_job_dry_run_then_run_then_rerun(model_store, tmp_path):
     run_date = "2026-11-22"
     archive = write_scoring_archive(str(tmp_path / "archive" / run_date), TINY_SYNTHETIC, n_per_category=3)
     output = tmp_path / "scores"
-    old = write_part(str(output), "fabric", "2020-01-01", "old", _empty_rows())
+    old = write_part(str(output), "fabric", "2020-01-01", "old", "run0", _empty_rows())
     spec = job_spec(tmp_path, str(tmp_path / "archive"), model_store, str(output))
 
     dry = uflow("run-job", str(spec), "--run-date", run_date, "--dry-run")
@@ -85,12 +85,12 @@ def test_run_job_dry_run_then_run_then_rerun(model_store, tmp_path):
 def _empty_rows():
     import pyarrow as pa
 
-    from uflow_batch.pipelines.stages import RESULT_SCHEMA
+    from uflow_batch.pipelines.schema import ROUTED_SCHEMA
 
-    row = {name: None for name in RESULT_SCHEMA.names} | {
+    row = {name: None for name in ROUTED_SCHEMA.names} | {
         "schema_version": 1, "image_uri": "old.png", "category": "fabric", "run_date": "2020-01-01", "pkey": "old",
         "error": "no_model", "error_message": "old"}
-    return pa.Table.from_pylist([row], schema=RESULT_SCHEMA)
+    return pa.Table.from_pylist([row], schema=ROUTED_SCHEMA)
 
 
 def test_a_job_spec_with_a_mistake_is_refused_before_anything_runs(tmp_path):

@@ -22,6 +22,7 @@ from uflow_batch.storage import ModelStore
 from uflow_batch.synthetic import write_scoring_archive
 
 from conftest import TINY_SYNTHETIC
+from processes import stop_processes_mentioning
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -47,7 +48,8 @@ def cluster(tmp_path_factory):
                        env=env, check=True, capture_output=True)
         yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        # Not `ray stop`: it would stop every Ray instance on the machine, not just this cluster.
+        stop_processes_mentioning(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
 
 

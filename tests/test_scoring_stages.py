@@ -13,13 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from uflow_batch.config import ConfigError
+from uflow_batch.config import ConfigError, ScoreRequest
 from uflow_batch.pipelines import commit
-from uflow_batch.pipelines.listing import LISTING_SCHEMA, UNCATEGORIZED, iter_unit, plan_units, walk_sorted
+from uflow_batch.pipelines.schema import LISTING_SCHEMA
+from uflow_batch.pipelines.listing import UNCATEGORIZED, ListingContext, iter_unit, plan_units, read_unit, walk_sorted
 from uflow_batch.pipelines.rows import decode_mask_png
 from uflow_batch.pipelines.schema import FILE_SCHEMA
 from uflow_batch.pipelines.score import resolve_models
-from uflow_batch.pipelines.stages import RESULT_SCHEMA, CategoryScorer, fetch_and_decode
+from uflow_batch.pipelines.schema import DECODED_SCHEMA, ROUTED_SCHEMA
+from uflow_batch.pipelines.stages import CategoryScorer, fetch_and_decode
+from uflow_batch.storage import ModelStore, TransientStorageError
 from uflow_batch.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
 
 from conftest import TINY_SYNTHETIC
@@ -35,7 +38,7 @@ def archive(tmp_path_factory):
 
 def listing_rows(archive, model_store) -> list[dict]:
     units = plan_units([archive.root])
-    versions, _ = resolve_models(model_store, [u.category for u in units])
+    versions = resolve_models(model_store, [u.category for u in units]).versions
     later = datetime.now(timezone.utc) + timedelta(minutes=1)
     return [
         {**row, "model_version": versions.get(row["category"]), "run_date": RUN_DATE, "pkey": unit.key}
@@ -104,7 +107,7 @@ def test_manifest_units_take_categories_from_the_manifest(tmp_path):
 def test_fetch_and_decode_turns_every_bad_file_into_its_error(archive, model_store):
     items = listing_rows(archive, model_store)
     items.append({**items[0], "image_uri": items[0]["image_uri"] + ".gone"})
-    _, sizes = resolve_models(model_store, ["brushed_metal", "fabric"])
+    sizes = resolve_models(model_store, ["brushed_metal", "fabric"]).input_sizes
     decoded = fetch_and_decode(pa.Table.from_pylist(items, schema=LISTING_SCHEMA), sizes).to_pylist()
     by_uri = {row["image_uri"]: row for row in decoded}
     expected = {f.url: f.expected for f in archive.files}
@@ -121,11 +124,11 @@ def test_fetch_and_decode_turns_every_bad_file_into_its_error(archive, model_sto
 
 def test_scorer_writes_one_schema_row_per_input_and_loads_each_model_once(archive, model_store):
     items = listing_rows(archive, model_store)
-    _, sizes = resolve_models(model_store, ["brushed_metal", "fabric"])
+    sizes = resolve_models(model_store, ["brushed_metal", "fabric"]).input_sizes
     decoded = fetch_and_decode(pa.Table.from_pylist(items, schema=LISTING_SCHEMA), sizes)
     scorer = CategoryScorer(model_store)
     out = scorer(decoded)
-    assert out.schema == RESULT_SCHEMA and out.num_rows == len(items)
+    assert out.schema == ROUTED_SCHEMA and out.num_rows == len(items)
     assert len(scorer.models) == 2
     loaded = dict(scorer.models)
     scorer(decoded)
@@ -146,39 +149,118 @@ def test_scorer_writes_one_schema_row_per_input_and_loads_each_model_once(archiv
 
 def test_an_image_that_breaks_inference_fails_alone(archive, model_store):
     items = [r for r in listing_rows(archive, model_store) if r["category"] == "fabric"][:3]
-    _, sizes = resolve_models(model_store, ["fabric"])
+    sizes = resolve_models(model_store, ["fabric"]).input_sizes
     decoded = fetch_and_decode(pa.Table.from_pylist(items, schema=LISTING_SCHEMA), sizes).to_pylist()
     decoded[1]["pixels"] = decoded[1]["pixels"][:100]  # a corrupted tensor reaching the model
-    from uflow_batch.pipelines.stages import DECODED_SCHEMA
-
     out = CategoryScorer(model_store)(pa.Table.from_pylist(decoded, schema=DECODED_SCHEMA)).to_pylist()
     assert [r["error"] for r in out] == [None, "inference_error", None]
 
 
 def test_part_names_depend_on_content_not_order():
-    a = commit.part_name("k", ["u1", "u2"], ["v1", "v1"])
-    assert a == commit.part_name("k", ["u2", "u1"], ["v1", "v1"])
-    assert a != commit.part_name("k", ["u1", "u2"], ["v1", "v2"])
-    assert a.startswith("part-k-") and a.endswith(".parquet")
+    a = commit.part_name("k", "run1", ["u1", "u2"], ["v1", "v1"])
+    assert a == commit.part_name("k", "run1", ["u2", "u1"], ["v1", "v1"])
+    assert a != commit.part_name("k", "run1", ["u1", "u2"], ["v1", "v2"])
+    assert a != commit.part_name("k", "run2", ["u1", "u2"], ["v1", "v1"])
+    assert a.startswith("part-k-run1-") and a.endswith(".parquet") and commit.run_of(a) == "run1"
 
 
 def result_table(uris, version="v1"):
-    rows = [{name: None for name in RESULT_SCHEMA.names} | {
+    rows = [{name: None for name in ROUTED_SCHEMA.names} | {
         "schema_version": 1, "image_uri": u, "model_version": version, "category": "fabric",
         "run_date": RUN_DATE, "pkey": "k", "error": "no_model", "error_message": "x"} for u in uris]
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=ROUTED_SCHEMA)
 
 
 def test_a_rewritten_part_replaces_itself_and_commits_its_rows(tmp_path):
     output = str(tmp_path / "out")
-    first = commit.write_part(output, "fabric", RUN_DATE, "k", result_table(["a", "b"]))
-    again = commit.write_part(output, "fabric", RUN_DATE, "k", result_table(["b", "a"]))
+    first = commit.write_part(output, "fabric", RUN_DATE, "k", "run1", result_table(["a", "b"]))
+    again = commit.write_part(output, "fabric", RUN_DATE, "k", "run1", result_table(["b", "a"]))
     assert first == again and len(commit.unit_parts(output, RUN_DATE, "k", ["fabric"])) == 1
-    commit.write_part(output, "fabric", RUN_DATE, "k", result_table(["c"], version="v2"))
+    commit.write_part(output, "fabric", RUN_DATE, "k", "run2", result_table(["c"], version="v2"))
     assert commit.committed(output, RUN_DATE, "k", ["fabric"]) == {("a", "v1"), ("b", "v1"), ("c", "v2")}
+    assert commit.committed(output, RUN_DATE, "k", ["fabric"], exclude_run="run2") == {("a", "v1"), ("b", "v1")}
     assert commit.committed(output, RUN_DATE, "k", None) == commit.committed(output, RUN_DATE, "k", ["fabric"])
     assert commit.committed(output, RUN_DATE, "other", None) == set()
     written = pq.read_table(first)
     assert written.schema.remove_metadata() == FILE_SCHEMA.remove_metadata()
     leftovers = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and not p.name.startswith("part-")]
     assert leftovers == [], "no temporary files are left behind"
+
+
+def test_a_replayed_read_task_lists_the_same_objects_as_the_first_attempt(archive, model_store, tmp_path):
+    """Ray replays a failed read task and drops the blocks it already produced: the sequence must not change."""
+    unit = next(u for u in plan_units([archive.root]) if u.category == "fabric")
+    versions = resolve_models(model_store, ["fabric"]).versions
+    output = str(tmp_path / "out")
+    context = ListingContext(output, RUN_DATE, "this-run", versions, datetime.now(timezone.utc) + timedelta(minutes=1),
+                             block_rows=2)
+    first = [t.to_pylist() for t in read_unit(unit, context)]
+    assert first, "the unit has objects"
+    done_now = pa.Table.from_pylist(first[0], schema=LISTING_SCHEMA)
+    rows = [{name: None for name in ROUTED_SCHEMA.names} | r | {"schema_version": 1, "error": "no_model", "error_message": "x"}
+            for r in done_now.to_pylist()]
+    commit.write_part(output, "fabric", RUN_DATE, unit.key, "this-run", pa.Table.from_pylist(rows, schema=ROUTED_SCHEMA))
+    assert [t.to_pylist() for t in read_unit(unit, context)] == first, "parts of the run itself do not change its listing"
+    later_run = ListingContext(**{**context.__dict__, "run_id": "next-run"})
+    listed_later = [r["image_uri"] for t in read_unit(unit, later_run) for r in t.to_pylist()]
+    assert listed_later == [r["image_uri"] for block in first[1:] for r in block], "a later run skips what was committed"
+
+
+def test_a_denied_read_fails_the_task_instead_of_committing_an_error(s3_bucket_url, monkeypatch):
+    import s3fs
+
+    from uflow_batch import storage
+
+    url = storage.join(s3_bucket_url, "fabric", "x.png")
+    storage.write_bytes_atomic(url, b"png bytes")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    s3fs.S3FileSystem.clear_instance_cache()
+    item = {"image_uri": url, "model_version": "v1", "object_size": 9, "object_etag": None, "object_mtime": None,
+            "category": "fabric", "run_date": RUN_DATE, "pkey": "k"}
+    try:
+        with pytest.raises(TransientStorageError) as raised:
+            fetch_and_decode(pa.Table.from_pylist([item], schema=LISTING_SCHEMA), {"fabric": (64, 64)})
+        assert "wrong-secret" not in str(raised.value)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_model_with_an_unreadable_manifest_gives_error_rows_not_a_failed_run(model_store, tmp_path):
+    import shutil
+
+    store_url = str(tmp_path / "models")
+    shutil.copytree(model_store, store_url)
+    store = ModelStore(store_url)
+    version = store.current_version("fabric")
+    (Path(store_url) / "fabric" / version / "manifest.json").write_text("{not json")
+    index = resolve_models(store_url, ["fabric", "brushed_metal"])
+    assert "fabric" in index.unusable and "brushed_metal" in index.input_sizes
+    item = {"image_uri": "/nowhere.png", "model_version": version, "object_size": 1, "object_etag": None,
+            "object_mtime": None, "category": "fabric", "run_date": RUN_DATE, "pkey": "k"}
+    (row,) = fetch_and_decode(pa.Table.from_pylist([item], schema=LISTING_SCHEMA), index.input_sizes, index.unusable).to_pylist()
+    assert row["error"] == "inference_error" and "manifest" in row["error_message"]
+
+
+def test_a_bad_manifest_is_refused_before_anything_runs(tmp_path):
+    manifest = tmp_path / "night.jsonl"
+    manifest.write_text('{"uri": "s3://b/x.png", "category": "fabric"}\n{"uri": "s3://b/x.png", "category": "fabric"}\n')
+    with pytest.raises(ConfigError, match="repeats"):
+        plan_units([], category_from="manifest", manifest=str(manifest))
+    manifest.write_text('{"uri": "s3://b/x.png", "category": "../etc"}\n')
+    with pytest.raises(ConfigError, match="not a usable category name"):
+        plan_units([], category_from="manifest", manifest=str(manifest))
+
+
+def test_a_root_given_twice_is_listed_once(archive):
+    assert plan_units([archive.root, archive.root + "/"]) == plan_units([archive.root])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epsilon": -1.0}, "epsilon"), ({"epsilon": 0.0}, "epsilon"), ({"category_from": "folder"}, "category_from"),
+    ({"run_date": "2026-13-01"}, "run_date"), ({"categories": ("a/b",)}, "categories"), ({"inputs": ()}, "no inputs"),
+])
+def test_a_score_request_is_checked_before_it_runs(change, message):
+    base = {"inputs": ("/a",), "models": "/m", "output": "/o", "run_date": RUN_DATE}
+    with pytest.raises(ConfigError, match=message):
+        ScoreRequest(**{**base, **change})
+    assert ScoreRequest(**{**base, "inputs": ("/a", "/a/")}).inputs == ("/a",)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 
@@ -14,7 +13,8 @@ from uflow_batch.pipelines.train_all import TaskResources, train_all, train_and_
 from uflow_batch.storage import ModelStore
 from uflow_batch.train import TrainingDiverged
 
-from conftest import TINY_DETECTOR, TINY_SYNTHETIC, TINY_TRAINING
+from conftest import TINY_DETECTOR, TINY_TRAINING
+from processes import kill_own_workers
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_a_training_worker_killed_mid_task_is_retried_by_ray(ray_local, syntheti
     killed = False
     deadline = time.monotonic() + 300
     while not killed and runner.is_alive() and time.monotonic() < deadline:
-        killed = subprocess.run(["pkill", "-9", "-f", "ray::train_and_publish"], check=False).returncode == 0
+        killed = kill_own_workers("ray::train_and_publish") > 0
         time.sleep(0.2)
     runner.join(timeout=900)
     assert killed, "the training task was running"
@@ -82,4 +82,3 @@ def test_unknown_categories_are_reported_and_the_others_train(ray_local, synthet
     assert status == {"fabric": "ok", "nonexistent": "failed"}
     assert [o.category for o in outcomes] == ["fabric", "nonexistent"], "the summary keeps the requested order"
     assert ModelStore(models).categories() == ["fabric"]
-    assert set(TINY_SYNTHETIC.categories) >= {"fabric"}

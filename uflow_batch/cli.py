@@ -15,7 +15,17 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from .config import BackboneConfig, ConfigError, DetectorConfig, FlowConfig, NFAConfig, ScoringResources, TrainConfig
+from .config import (
+    BackboneConfig,
+    ConfigError,
+    DetectorConfig,
+    FlowConfig,
+    NFAConfig,
+    ScoreRequest,
+    ScoringResources,
+    TrainConfig,
+    validate_run_date,
+)
 from .model.backbones import available_backbones
 
 log = logging.getLogger("uflow_batch")
@@ -225,8 +235,6 @@ def _run_scoring(request, address: str | None, dry_run: bool):
 def score(inputs, models, output, run_date, categories, category_pattern, manifest, epsilon, batch_size, actors, gpus_per_actor,
           cpus_per_actor, decode_cpus, rows_per_file, address, dry_run) -> None:
     """Score image archives into Parquet (streaming, resumable, one row per image)."""
-    from .pipelines.score import ScoreRequest
-
     request = ScoreRequest(
         inputs=inputs, models=models, output=output, run_date=run_date or datetime.now(timezone.utc).date().isoformat(),
         categories=tuple(c for c in categories.split(",") if c) if categories else None,
@@ -244,26 +252,15 @@ def score(inputs, models, output, run_date, categories, category_pattern, manife
 @click.option("--dry-run", is_flag=True, help="Resolve the spec, print what would be scored and deleted, change nothing.")
 def run_job(spec, run_date, dry_run) -> None:
     """Run a nightly job spec (YAML, local or in object storage); idempotent per run date."""
-    from .jobs import apply_retention, expired_run_dates, load_job_spec, validate_run_date
-    from .pipelines.score import ScoreRequest
+    from .jobs import apply_job_retention, load_job_spec
 
     job = load_job_spec(spec)
     today = datetime.now(timezone.utc).date()
     run_date = validate_run_date(run_date) if run_date else job.default_run_date(today)
-    request = ScoreRequest(
-        inputs=tuple(job.inputs_for(run_date)), models=job.models, output=job.output, run_date=run_date,
-        categories=job.categories, category_from=job.category_from, category_pattern=job.category_pattern,
-        manifest=job.manifest_for(run_date),
-        epsilon=job.nfa_epsilon, resources=job.resources,
-    )
+    request = job.request_for(run_date)
     click.echo(f"job {job.name}: run date {run_date}, inputs {', '.join(request.inputs) or request.manifest} -> {job.output}")
     _run_scoring(request, job.ray_address, dry_run)
-    if run_date in expired_run_dates([run_date], today, job.retention_days):
-        click.echo(f"retention skipped: run date {run_date} is itself older than {job.retention_days} days (a backfill)")
-        return
-    deleted = apply_retention(job.output, today, job.retention_days, dry_run=dry_run)
-    if deleted:
-        click.echo(f"retention ({job.retention_days} days): {'would delete' if dry_run else 'deleted'} {', '.join(deleted)}")
+    click.echo(apply_job_retention(job, run_date, today, dry_run=dry_run))
 
 
 EVALUATION_COLUMNS = [

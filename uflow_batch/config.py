@@ -14,6 +14,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -23,7 +24,8 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise a ConfigError with ``message`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
 
@@ -46,7 +48,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(hints))
-    _require(not unknown, f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(hints)}")
+    require(not unknown, f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(hints)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint = hints[name]
@@ -73,9 +75,57 @@ def check_category_pattern(pattern: str) -> re.Pattern:
         compiled = re.compile(pattern)
     except re.error as exc:
         raise ConfigError(f"category pattern {pattern!r} is not a valid regular expression: {exc}") from None
-    _require("category" in compiled.groupindex,
+    require("category" in compiled.groupindex,
              f"category pattern {pattern!r} needs a group named 'category', e.g. '^(?P<category>[^/]+)/'")
     return compiled
+
+
+_RUN_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# A category becomes a directory name (category=<name>) in the output: keep it to safe characters.
+_CATEGORY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CATEGORY_SOURCES = ("path", "manifest")
+
+
+def validate_run_date(run_date: Any) -> str:
+    """``run_date`` as a real calendar date in ``YYYY-MM-DD`` form, else a ConfigError."""
+    ok = isinstance(run_date, str) and _RUN_DATE_RE.match(run_date) is not None
+    if ok:
+        try:
+            date.fromisoformat(run_date)
+        except ValueError:
+            ok = False
+    require(ok, f"run_date must be a date as YYYY-MM-DD, got {run_date!r}")
+    return run_date
+
+
+def is_category_name(name: Any) -> bool:
+    return isinstance(name, str) and _CATEGORY_RE.match(name) is not None and ".." not in name
+
+
+def check_categories(categories: Any) -> None:
+    require(isinstance(categories, tuple) and len(categories) >= 1,
+            f"categories must be a non-empty list (omit it to score every category with a model), got {categories!r}")
+    for i, name in enumerate(categories):
+        require(is_category_name(name),
+                f"categories[{i}] must be a category directory name (letters, digits, '.', '_', '-'), got {name!r}")
+    require(len(set(categories)) == len(categories), f"categories has duplicates: {list(categories)}")
+
+
+def check_category_source(category_from: Any, pattern: str | None, manifest: str | None) -> None:
+    """Where categories come from: folders (optionally through a pattern) or a manifest, never both."""
+    require(category_from in CATEGORY_SOURCES, f"category_from must be one of {list(CATEGORY_SOURCES)}, got {category_from!r}")
+    if pattern is not None:
+        require(category_from == "path", "category_pattern is only used with category_from: path")
+        check_category_pattern(pattern)
+    if category_from == "manifest":
+        require(manifest is not None, "manifest: a manifest URL is required when category_from is 'manifest'")
+    else:
+        require(manifest is None, "manifest is only used with category_from: manifest; remove it or set category_from")
+
+
+def check_epsilon(epsilon: Any, name: str = "epsilon") -> None:
+    require(epsilon is None or (is_number(epsilon) and epsilon > 0),
+            f"{name} must be a number > 0 (or null to keep each model's), got {epsilon!r}")
 
 
 @dataclass(frozen=True)
@@ -98,12 +148,12 @@ class BackboneConfig:
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))
-            _require(
+            require(
                 len(self.layers) >= 1 and list(self.layers) == sorted(set(self.layers)),
                 f"backbone.layers must be increasing stage indices, got {self.layers}",
             )
-        _require(len(self.input_size) == 2, f"backbone.input_size must be (height, width), got {self.input_size}")
-        _require(
+        require(len(self.input_size) == 2, f"backbone.input_size must be (height, width), got {self.input_size}")
+        require(
             all(v >= 32 and v % 32 == 0 for v in self.input_size),
             f"backbone.input_size must be multiples of 32 of at least 32, got {self.input_size}",
         )
@@ -119,9 +169,9 @@ class FlowConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "subnet_kernels", tuple(int(k) for k in self.subnet_kernels))
-        _require(self.steps_per_stage >= 1, "flow.steps_per_stage must be >= 1")
-        _require(self.affine_clamp > 0, "flow.affine_clamp must be > 0")
-        _require(
+        require(self.steps_per_stage >= 1, "flow.steps_per_stage must be >= 1")
+        require(self.affine_clamp > 0, "flow.affine_clamp must be > 0")
+        require(
             len(self.subnet_kernels) >= 1 and all(k >= 1 and k % 2 == 1 for k in self.subnet_kernels),
             f"flow.subnet_kernels must be odd sizes, got {self.subnet_kernels}",
         )
@@ -142,12 +192,12 @@ class NFAConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "windows", tuple(int(w) for w in self.windows))
-        _require(0.0 < self.p < 1.0, f"nfa.p must be in (0, 1), got {self.p}")
-        _require(
+        require(0.0 < self.p < 1.0, f"nfa.p must be in (0, 1), got {self.p}")
+        require(
             len(self.windows) >= 1 and all(w >= 1 and w % 2 == 1 for w in self.windows),
             f"nfa.windows must be odd block sizes, got {self.windows}",
         )
-        _require(self.epsilon > 0, f"nfa.epsilon must be > 0, got {self.epsilon}")
+        require(self.epsilon > 0, f"nfa.epsilon must be > 0, got {self.epsilon}")
 
 
 IMAGE_SCORES = ("anomaly_max", "nfa_max")
@@ -163,7 +213,7 @@ class DetectorConfig:
     image_score: str = "anomaly_max"
 
     def __post_init__(self) -> None:
-        _require(self.image_score in IMAGE_SCORES, f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+        require(self.image_score in IMAGE_SCORES, f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
 
 
 @dataclass(frozen=True)
@@ -182,13 +232,13 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _require(self.max_epochs >= 1, "train.max_epochs must be >= 1")
-        _require(self.batch_size >= 1, "train.batch_size must be >= 1")
-        _require(self.learning_rate > 0, "train.learning_rate must be > 0")
-        _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
-        _require(self.warmup_epochs >= 0, "train.warmup_epochs must be >= 0")
-        _require(0.0 < self.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
-        _require(self.patience >= 1, "train.patience must be >= 1")
+        require(self.max_epochs >= 1, "train.max_epochs must be >= 1")
+        require(self.batch_size >= 1, "train.batch_size must be >= 1")
+        require(self.learning_rate > 0, "train.learning_rate must be > 0")
+        require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        require(self.warmup_epochs >= 0, "train.warmup_epochs must be >= 0")
+        require(0.0 < self.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
+        require(self.patience >= 1, "train.patience must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -209,16 +259,61 @@ class ScoringResources:
     decode_cpus: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(is_int(self.batch_size) and self.batch_size >= 1,
+        require(is_int(self.batch_size) and self.batch_size >= 1,
                  f"resources.batch_size must be an integer >= 1, got {self.batch_size!r}")
-        _require(self.gpus_per_actor is None or (is_number(self.gpus_per_actor) and self.gpus_per_actor >= 0),
+        require(self.gpus_per_actor is None or (is_number(self.gpus_per_actor) and self.gpus_per_actor >= 0),
                  f"resources.gpus_per_actor must be a number >= 0, got {self.gpus_per_actor!r}")
-        _require(is_number(self.cpus_per_actor) and self.cpus_per_actor > 0,
+        require(is_number(self.cpus_per_actor) and self.cpus_per_actor > 0,
                  f"resources.cpus_per_actor must be a number > 0, got {self.cpus_per_actor!r}")
-        _require(is_int(self.actors) and self.actors >= 1,
+        require(is_int(self.actors) and self.actors >= 1,
                  f"resources.actors must be an integer >= 1, got {self.actors!r}")
-        _require(is_number(self.decode_cpus) and self.decode_cpus > 0,
+        require(is_number(self.decode_cpus) and self.decode_cpus > 0,
                  f"resources.decode_cpus must be a number > 0, got {self.decode_cpus!r}")
         for name in ("gpus_per_actor", "cpus_per_actor", "decode_cpus"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One scoring run: what to read, which models, where to write, how to size it.
+
+    Every value is checked here, before anything is read or written: a wrong
+    value found mid-run could commit rows that a corrected re-run then skips.
+    """
+
+    inputs: tuple[str, ...]
+    models: str
+    output: str
+    run_date: str
+    categories: tuple[str, ...] | None = None
+    category_from: str = "path"
+    category_pattern: str | None = None
+    manifest: str | None = None
+    epsilon: float | None = None
+    resources: ScoringResources = field(default_factory=ScoringResources)
+    listing_block_rows: int = 64
+    rows_per_file: int = 256
+    storage_retries: int = 8
+
+    def __post_init__(self) -> None:
+        # The same root written twice ('a' and 'a/') would be listed, and scored, twice.
+        inputs = tuple(dict.fromkeys(url.rstrip("/") for url in self.inputs))
+        object.__setattr__(self, "inputs", inputs)
+        validate_run_date(self.run_date)
+        check_category_source(self.category_from, self.category_pattern, self.manifest)
+        require(bool(inputs) or self.category_from == "manifest", "no inputs to score")
+        for name in ("models", "output"):
+            require(isinstance(getattr(self, name), str) and getattr(self, name) != "", f"{name} must be a URL or path")
+        if self.categories is not None:
+            object.__setattr__(self, "categories", tuple(self.categories))
+            check_categories(self.categories)
+        check_epsilon(self.epsilon)
+        require(isinstance(self.resources, ScoringResources), f"resources must be ScoringResources, got {self.resources!r}")
+        for name in ("listing_block_rows", "rows_per_file", "storage_retries"):
+            require(is_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name} must be an integer >= 1")
+
+    @property
+    def category_filter(self) -> list[str] | None:
+        """The categories to score, or None for every category found."""
+        return list(self.categories) if self.categories else None

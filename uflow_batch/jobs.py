@@ -25,29 +25,30 @@ from typing import Any
 import yaml
 
 from uflow_batch import storage
+from uflow_batch.pipelines.schema import PARTITION_COLUMNS
 from uflow_batch.config import (
     ConfigError,
+    ScoreRequest,
     ScoringResources,
-    _require,
-    check_category_pattern,
+    check_categories,
+    check_category_source,
+    check_epsilon,
     from_dict,
     is_int,
-    is_number,
+    require,
     to_dict,
+    validate_run_date,
 )
 
 log = logging.getLogger(__name__)
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
-CATEGORY_SOURCES = ("path", "manifest")
-RUN_DATE_PARTITION = "run_date"
-CATEGORY_PARTITION = "category"
+CATEGORY_PARTITION, RUN_DATE_PARTITION = PARTITION_COLUMNS
 
 # The CronJob names each night's RayJob ``<name>-<YYYYMMDD>``; KubeRay derives
 # further names (cluster, submitter Job, pods) from it and Kubernetes caps
 # names and label values at 63 characters, so the spec name stays short.
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-_RUN_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _USERINFO_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@")
 _RAY_ADDRESS_RE = re.compile(r"^(auto|local|ray://\S+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
@@ -77,16 +78,16 @@ def validate_cron(expression: str, field_name: str = "schedule") -> None:
     expression (a CronJob sets ``timeZone``; plain cron uses the host's), so a
     ``TZ=`` prefix is refused rather than half-supported.
     """
-    _require(isinstance(expression, str) and expression.strip() != "",
+    require(isinstance(expression, str) and expression.strip() != "",
              f"{field_name} must be a cron expression such as '0 2 * * *', got {expression!r}")
     text = expression.strip()
     if text.startswith("@"):
-        _require(text in _CRON_MACROS, f"{field_name}: unknown cron macro {text!r}; known: {list(_CRON_MACROS)}")
+        require(text in _CRON_MACROS, f"{field_name}: unknown cron macro {text!r}; known: {list(_CRON_MACROS)}")
         return
-    _require(not re.match(r"^(CRON_)?TZ=", text),
+    require(not re.match(r"^(CRON_)?TZ=", text),
              f"{field_name}: a time zone prefix is not supported ({text!r}); run dates are UTC")
     parts = text.split()
-    _require(len(parts) == 5,
+    require(len(parts) == 5,
              f"{field_name} must have 5 fields (minute hour day-of-month month day-of-week), "
              f"got {len(parts)} in {text!r}")
     for part, (name, low, high, names, question_ok) in zip(parts, _CRON_FIELDS):
@@ -100,54 +101,42 @@ def _check_cron_field(part: str, name: str, low: int, high: int, names: dict[str
     def value(token: str) -> int:
         if token.upper() in names:
             return names[token.upper()]
-        _require(token.isdigit(), f"{where}: {token!r} is not a number" + (f" or one of {list(names)}" if names else ""))
+        require(token.isdigit(), f"{where}: {token!r} is not a number" + (f" or one of {list(names)}" if names else ""))
         number = int(token)
-        _require(low <= number <= high, f"{where}: {number} is out of range {low}-{high}")
+        require(low <= number <= high, f"{where}: {number} is out of range {low}-{high}")
         return number
 
     if part == "?":
-        _require(question_ok, f"{where}: '?' is only allowed in day-of-month and day-of-week")
+        require(question_ok, f"{where}: '?' is only allowed in day-of-month and day-of-week")
         return
     for item in part.split(","):
-        _require(item != "", f"{where}: empty list element")
+        require(item != "", f"{where}: empty list element")
         base, _, step = item.partition("/")
         if step or "/" in item:
-            _require(step.isdigit() and int(step) >= 1, f"{where}: step {step!r} must be a positive integer")
+            require(step.isdigit() and int(step) >= 1, f"{where}: step {step!r} must be a positive integer")
         if base == "*":
             continue
         first, dash, last = base.partition("-")
         start = value(first)
         if dash:
             end = value(last)
-            _require(start <= end, f"{where}: range {base!r} runs backwards")
+            require(start <= end, f"{where}: range {base!r} runs backwards")
 
 
 # --- the spec -------------------------------------------------------------------------------
 
 def _check_url(name: str, value: Any, placeholder_ok: bool) -> None:
-    _require(isinstance(value, str) and value.strip() != "", f"{name} must be a non-empty URL or path, got {value!r}")
-    _require(not _USERINFO_RE.match(value),
+    require(isinstance(value, str) and value.strip() != "", f"{name} must be a non-empty URL or path, got {value!r}")
+    require(not _USERINFO_RE.match(value),
              f"{name} must not embed credentials in the URL; use the cloud role (IRSA, instance profile)")
     placeholders = _PLACEHOLDER_RE.findall(value)
     if not placeholder_ok:
-        _require(not placeholders,
+        require(not placeholders,
                  f"{name} must not contain placeholders, got {value!r}"
                  + ("; results are already partitioned by run_date" if name == "output" else ""))
     for placeholder in placeholders:
-        _require(placeholder == "run_date",
+        require(placeholder == "run_date",
                  f"{name}: unknown placeholder {{{placeholder}}} in {value!r}; only {RUN_DATE_PLACEHOLDER} is allowed")
-
-
-def validate_run_date(run_date: Any) -> str:
-    """``run_date`` as a real calendar date in ``YYYY-MM-DD`` form, else a ConfigError."""
-    ok = isinstance(run_date, str) and _RUN_DATE_RE.match(run_date) is not None
-    if ok:
-        try:
-            date.fromisoformat(run_date)
-        except ValueError:
-            ok = False
-    _require(ok, f"run_date must be a date as YYYY-MM-DD, got {run_date!r}")
-    return run_date
 
 
 @dataclass(frozen=True)
@@ -175,64 +164,47 @@ class JobSpec:
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.name, str) and _NAME_RE.match(self.name) is not None,
+        require(isinstance(self.name, str) and _NAME_RE.match(self.name) is not None,
                  f"name must be 1-40 characters of [a-z0-9-], starting and ending with a letter or digit, "
                  f"got {self.name!r}")
         validate_cron(self.schedule, "schedule")
 
         inputs = (self.inputs,) if isinstance(self.inputs, str) else self.inputs
-        _require(isinstance(inputs, tuple) and len(inputs) >= 1,
+        require(isinstance(inputs, tuple) and len(inputs) >= 1,
                  f"inputs must be a list of one or more URLs, got {self.inputs!r}")
         for i, url in enumerate(inputs):
             _check_url(f"inputs[{i}]", url, placeholder_ok=True)
-        _require(len(set(inputs)) == len(inputs), f"inputs has duplicates: {list(inputs)}")
+        require(len(set(inputs)) == len(inputs), f"inputs has duplicates: {list(inputs)}")
         object.__setattr__(self, "inputs", tuple(inputs))
         _check_url("models", self.models, placeholder_ok=False)
         _check_url("output", self.output, placeholder_ok=False)
 
         if self.categories is not None:
-            cats = self.categories
-            _require(isinstance(cats, tuple) and len(cats) >= 1,
-                     f"categories must be a non-empty list (omit it to score every category with a model), "
-                     f"got {self.categories!r}")
-            for i, cat in enumerate(cats):
-                _require(isinstance(cat, str) and cat.strip() == cat and cat != "" and not set(cat) & set("/=\\"),
-                         f"categories[{i}] must be a category directory name (no '/', '=' or spaces), got {cat!r}")
-            _require(len(set(cats)) == len(cats), f"categories has duplicates: {list(cats)}")
-
-        _require(self.category_from in CATEGORY_SOURCES,
-                 f"category_from must be one of {list(CATEGORY_SOURCES)}, got {self.category_from!r}")
-        if self.category_pattern is not None:
-            _require(self.category_from == "path", "category_pattern is only used with category_from: path")
-            check_category_pattern(self.category_pattern)
-        if self.category_from == "manifest":
-            _require(self.manifest is not None, "manifest: a manifest URL is required when category_from is 'manifest'")
+            check_categories(self.categories)
+        check_category_source(self.category_from, self.category_pattern, self.manifest)
+        if self.manifest is not None:
             _check_url("manifest", self.manifest, placeholder_ok=True)
-        else:
-            _require(self.manifest is None,
-                     "manifest is only used with category_from: manifest; remove it or set category_from")
 
         if isinstance(self.nfa_epsilon, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
             try:
                 object.__setattr__(self, "nfa_epsilon", float(self.nfa_epsilon))
             except ValueError:
                 pass
-        _require(self.nfa_epsilon is None or (is_number(self.nfa_epsilon) and self.nfa_epsilon > 0),
-                 f"nfa_epsilon must be a number > 0 (or null to keep each model's), got {self.nfa_epsilon!r}")
+        check_epsilon(self.nfa_epsilon, "nfa_epsilon")
         if self.nfa_epsilon is not None:
             object.__setattr__(self, "nfa_epsilon", float(self.nfa_epsilon))
 
-        _require(isinstance(self.resources, ScoringResources),
+        require(isinstance(self.resources, ScoringResources),
                  f"resources must be a mapping of {sorted(ScoringResources.__dataclass_fields__)}, got {self.resources!r}")
-        _require(self.retention_days is None or (is_int(self.retention_days) and self.retention_days >= 1),
+        require(self.retention_days is None or (is_int(self.retention_days) and self.retention_days >= 1),
                  f"retention_days must be an integer >= 1 (or null to keep everything), got {self.retention_days!r}")
-        _require(is_int(self.lag_days) and self.lag_days >= 0,
+        require(is_int(self.lag_days) and self.lag_days >= 0,
                  f"lag_days must be an integer >= 0, got {self.lag_days!r}")
         if self.retention_days is not None:
-            _require(self.lag_days < self.retention_days,
+            require(self.lag_days < self.retention_days,
                      f"lag_days ({self.lag_days}) must be smaller than retention_days ({self.retention_days}), "
                      f"or a run would delete the partition it just wrote")
-        _require(self.ray_address is None
+        require(self.ray_address is None
                  or (isinstance(self.ray_address, str) and _RAY_ADDRESS_RE.match(self.ray_address) is not None),
                  f"ray_address must be null, 'auto', 'local', 'ray://host:port' or 'host:port', "
                  f"got {self.ray_address!r}")
@@ -253,6 +225,14 @@ class JobSpec:
         run_date = validate_run_date(run_date)
         return None if self.manifest is None else self.manifest.replace(RUN_DATE_PLACEHOLDER, run_date)
 
+    def request_for(self, run_date: str) -> ScoreRequest:
+        """The scoring run this job makes for one run date."""
+        return ScoreRequest(
+            inputs=tuple(self.inputs_for(run_date)), models=self.models, output=self.output, run_date=run_date,
+            categories=self.categories, category_from=self.category_from, category_pattern=self.category_pattern,
+            manifest=self.manifest_for(run_date), epsilon=self.nfa_epsilon, resources=self.resources,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
@@ -262,12 +242,12 @@ _REQUIRED = ("name", "schedule", "inputs", "models", "output")
 
 def job_spec_from_dict(data: Any) -> JobSpec:
     """Build and validate a :class:`JobSpec` from parsed YAML/JSON data."""
-    _require(isinstance(data, dict), f"a job spec must be a mapping of fields, got {type(data).__name__}")
+    require(isinstance(data, dict), f"a job spec must be a mapping of fields, got {type(data).__name__}")
     missing = [name for name in _REQUIRED if name not in data]
-    _require(not missing, f"job spec: missing required field(s) {missing}")
+    require(not missing, f"job spec: missing required field(s) {missing}")
     if isinstance(data.get("resources"), dict):
         unknown = sorted(set(data["resources"]) - set(ScoringResources.__dataclass_fields__))
-        _require(not unknown, f"resources: unknown field(s) {unknown}; known: {sorted(ScoringResources.__dataclass_fields__)}")
+        require(not unknown, f"resources: unknown field(s) {unknown}; known: {sorted(ScoringResources.__dataclass_fields__)}")
     if data.get("resources") is None and "resources" in data:
         data = {k: v for k, v in data.items() if k != "resources"}
     return from_dict(JobSpec, data)
@@ -321,7 +301,7 @@ def expired_run_dates(existing: list[str], today: date, retention_days: int | No
     """
     if retention_days is None:
         return []
-    _require(is_int(retention_days) and retention_days >= 1,
+    require(is_int(retention_days) and retention_days >= 1,
              f"retention_days must be an integer >= 1 or None, got {retention_days!r}")
     cutoff = today - timedelta(days=retention_days)
     expired = set()
@@ -372,3 +352,18 @@ def apply_retention(output_url: str, today: date, retention_days: int | None, *,
             log.info("retention: %s %s", "would delete" if dry_run else "deleted", url)
             deleted.append(url)
     return deleted
+
+
+def apply_job_retention(job: JobSpec, run_date: str, today: date, *, dry_run: bool = False) -> str:
+    """Retention after a successful run of ``run_date``; returns what was (or would be) done.
+
+    A backfill of a date that is itself past retention skips it: it would
+    delete the partition it has just written.
+    """
+    if job.retention_days is None:
+        return "retention: keep everything"
+    if run_date in expired_run_dates([run_date], today, job.retention_days):
+        return f"retention skipped: run date {run_date} is itself older than {job.retention_days} days (a backfill)"
+    deleted = apply_retention(job.output, today, job.retention_days, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    return f"retention ({job.retention_days} days): {verb} {', '.join(deleted) if deleted else 'nothing'}"

@@ -107,7 +107,7 @@ class UFlowDetector(nn.Module):
 
         ``epsilon`` overrides the model's NFA threshold (e.g. a job's setting).
         """
-        epsilon = epsilon or self.config.nfa.epsilon
+        epsilon = self.config.nfa.epsilon if epsilon is None else epsilon
         return [
             image_result(float(maps.image_score[i]), maps.neg_log10_nfa[i], size, epsilon)
             for i, size in enumerate(original_sizes)

@@ -1,10 +1,12 @@
 """Connecting to Ray: an existing cluster, or a local one started for this run.
 
-Ray workers do not inherit the driver's environment, so the object-storage
-settings of the standard credential chain that the driver has in its
-environment are handed to them through the job's runtime environment. On a
-real cluster these are usually absent (credentials come from the instance or
-pod role) and nothing is passed.
+A local Ray instance is started by this process, so its workers inherit the
+driver's environment, credentials included. Workers of a remote cluster do
+not: they get their credentials from their own chain (instance or pod role,
+a mounted profile). Only non-secret settings (endpoint, region, profile
+name) are forwarded to them through the job's runtime environment, because
+Ray records runtime environments in its logs and job state, and secrets must
+not land there.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import ray
 
 log = logging.getLogger(__name__)
 
-# Forwarded to workers when set in the driver's environment.
+# Forwarded to workers when set in the driver's environment: settings, never secrets.
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
-    "GOOGLE_APPLICATION_CREDENTIALS", "UFLOW_SHARED_DATA",
+    "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
+    "UFLOW_SHARED_DATA",
 )
 
 # Ray settings this product needs everywhere: no usage reporting, no token auth

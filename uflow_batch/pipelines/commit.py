@@ -10,14 +10,20 @@ lost for good. So the protocol is our own, and small:
 - Input objects are listed in *units* (one input prefix, or one manifest);
   each unit has a key, ``pkey``, derived from its location.
 - Results are written as part files
-  ``<output>/category=<c>/run_date=<d>/part-<pkey>-<digest>.parquet``, where
-  ``digest`` hashes the rows' ``(image_uri, model_version)``. Each part file
-  is written whole or not at all (one object PUT; a local temp file renamed).
-  A retried write task recomputes the same name and overwrites, never adds.
+  ``<output>/category=<c>/run_date=<d>/part-<pkey>-<run>-<digest>.parquet``,
+  where ``run`` names the run that wrote it and ``digest`` hashes the rows'
+  ``(image_uri, model_version)``. Each part file is written whole or not at
+  all (one object PUT; a local temp file renamed). A retried write task
+  recomputes the same name and overwrites, never adds.
 - An object counts as done for a model version when a part file of its unit
-  (in this run date) holds a row for it with that model version. A re-run
-  reads those two columns of its own unit's parts and skips what is done
-  before reading any image bytes; a finished job re-runs as a no-op.
+  (in this run date), written by an *earlier* run, holds a row for it with
+  that model version. A re-run reads those two columns of its own unit's
+  parts and skips what is done before reading any image bytes; a finished
+  job re-runs as a no-op.
+- Parts of the run in progress are ignored by its own listing on purpose:
+  Ray retries a failed read task by replaying it and dropping the blocks it
+  already produced, so the replay must list exactly the same objects, which
+  it would not if the parts written meanwhile by this run were skipped.
 
 Two runs of the same job must not overlap (a scheduler's concurrency policy
 sees to that); one after the other, in any state of failure, is safe.
@@ -28,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import uuid
 from collections.abc import Iterable
 
 from collections import Counter
@@ -41,7 +48,7 @@ from ray.data.datasource import Datasink
 
 from .. import storage
 from ..storage import TransientStorageError
-from .schema import FILE_SCHEMA
+from .schema import FILE_SCHEMA, PARTITION_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +61,47 @@ def unit_key(location: str) -> str:
 
 
 def partition_url(output: str, category: str, run_date: str) -> str:
-    return storage.join(output, f"category={category}", f"run_date={run_date}")
+    category_key, run_date_key = PARTITION_COLUMNS
+    return storage.join(output, f"{category_key}={category}", f"{run_date_key}={run_date}")
 
 
-def part_name(pkey: str, uris: Iterable[str], model_versions: Iterable[str | None]) -> str:
-    """Content-derived name: the same rows always land in the same file."""
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def part_name(pkey: str, run_id: str, uris: Iterable[str], model_versions: Iterable[str | None]) -> str:
+    """Content-derived name: the same rows of the same run always land in the same file."""
     digest = hashlib.sha1()
     for uri, version in sorted(zip(uris, model_versions), key=lambda pair: pair[0]):
         digest.update(f"{uri}\0{version or ''}\n".encode())
-    return f"{PART_PREFIX}{pkey}-{digest.hexdigest()[:20]}.parquet"
+    return f"{PART_PREFIX}{pkey}-{run_id}-{digest.hexdigest()[:20]}.parquet"
 
 
-def write_part(output: str, category: str, run_date: str, pkey: str, table: pa.Table) -> str:
-    """Write one part file atomically; returns its URL."""
-    table = table.select(FILE_SCHEMA.names).cast(FILE_SCHEMA).sort_by("image_uri")
-    name = part_name(pkey, table.column("image_uri").to_pylist(), table.column("model_version").to_pylist())
-    url = storage.join(partition_url(output, category, run_date), name)
+def run_of(part_url: str) -> str:
+    """The run id in a part file's name (``part-<pkey>-<run>-<digest>.parquet``)."""
+    stem = part_url.rsplit("/", 1)[-1].removeprefix(PART_PREFIX).removesuffix(".parquet")
+    return stem.split("-", 1)[1].rsplit("-", 1)[0]
+
+
+def serialize_part(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    storage.write_bytes_atomic(url, buffer.getvalue())
+    pq.write_table(table.select(FILE_SCHEMA.names).cast(FILE_SCHEMA).sort_by("image_uri"), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def write_part(output: str, category: str, run_date: str, pkey: str, run_id: str, table: pa.Table) -> str:
+    """Write one part file atomically; returns its URL.
+
+    Turning rows into Parquet happens first: an error there is a bug, not a
+    storage glitch, and must not be retried as one.
+    """
+    data = serialize_part(table)
+    name = part_name(pkey, run_id, table.column("image_uri").to_pylist(), table.column("model_version").to_pylist())
+    url = storage.join(partition_url(output, category, run_date), name)
+    try:
+        storage.write_bytes_atomic(url, data)
+    except Exception as exc:  # noqa: BLE001 - storage failed: let Ray retry the task
+        raise TransientStorageError(f"write {url}", exc) from exc
     return url
 
 
@@ -97,12 +126,19 @@ def unit_parts(output: str, run_date: str, pkey: str, categories: Iterable[str] 
     return sorted(found)
 
 
-def committed(output: str, run_date: str, pkey: str, categories: Iterable[str] | None) -> set[tuple[str, str | None]]:
-    """``(image_uri, model_version)`` pairs a unit has already written for this run date."""
+def committed(output: str, run_date: str, pkey: str, categories: Iterable[str] | None,
+              exclude_run: str | None = None) -> set[tuple[str, str | None]]:
+    """``(image_uri, model_version)`` pairs a unit has written for this run date in runs other than ``exclude_run``.
+
+    Memory grows with the number of objects of the unit, not of the archive.
+    """
     done: set[tuple[str, str | None]] = set()
     for url in unit_parts(output, run_date, pkey, categories):
-        data = storage.read_bytes(url)
-        table = pq.read_table(io.BytesIO(data), columns=["image_uri", "model_version"])
+        if exclude_run is not None and run_of(url) == exclude_run:
+            continue
+        fs, path = storage.filesystem(url)
+        table = storage.with_retries(
+            lambda: pq.read_table(path, columns=["image_uri", "model_version"], filesystem=fs), f"read {url}")
         done.update(zip(table.column("image_uri").to_pylist(), table.column("model_version").to_pylist()))
     return done
 
@@ -110,8 +146,8 @@ def committed(output: str, run_date: str, pkey: str, categories: Iterable[str] |
 class PartSink(Datasink):
     """Writes each (category, run date, unit) group of a write task as one atomic part file."""
 
-    def __init__(self, output: str, rows_per_file: int) -> None:
-        self.output, self.rows_per_file = output, rows_per_file
+    def __init__(self, output: str, rows_per_file: int, run_id: str) -> None:
+        self.output, self.rows_per_file, self.run_id = output, rows_per_file, run_id
 
     def get_name(self) -> str:
         return "UflowParts"
@@ -132,10 +168,7 @@ class PartSink(Datasink):
             mask = pc.and_(pc.and_(pc.equal(table["category"], group["category"]), pc.equal(table["run_date"], group["run_date"])),
                            pc.equal(table["pkey"], group["pkey"]))
             part = table.filter(mask)
-            try:
-                url = write_part(self.output, group["category"], group["run_date"], group["pkey"], part)
-            except Exception as exc:  # noqa: BLE001
-                raise TransientStorageError(f"write part for {group['category']}", exc) from exc
+            url = write_part(self.output, group["category"], group["run_date"], group["pkey"], self.run_id, part)
             errors = Counter(e or "ok" for e in part.column("error").to_pylist())
             written.append({"url": url, "category": group["category"], "rows": part.num_rows, "outcomes": dict(errors)})
         return written

@@ -14,11 +14,12 @@ that changes under a retry could otherwise duplicate or skip rows.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -28,20 +29,14 @@ from ray.data.datasource import Datasource, ReadTask
 
 from .. import storage
 from ..storage import TransientStorageError
-from ..config import check_category_pattern
+from ..config import ConfigError, check_category_pattern, is_category_name, require
 from ..data import is_image_name
 from .commit import committed, unit_key
+from .schema import LISTING_SCHEMA
 
 log = logging.getLogger(__name__)
 
 UNCATEGORIZED = "uncategorized"
-
-LISTING_SCHEMA = pa.schema([
-    pa.field("image_uri", pa.string()), pa.field("category", pa.string()), pa.field("model_version", pa.string()),
-    pa.field("object_size", pa.int64()), pa.field("object_etag", pa.string()),
-    pa.field("object_mtime", pa.timestamp("us", tz="UTC")), pa.field("run_date", pa.string()), pa.field("pkey", pa.string()),
-])
-
 
 @dataclass(frozen=True)
 class ListingUnit:
@@ -62,13 +57,13 @@ def plan_units(inputs: list[str], category_from: str = "path", manifest: str | N
     is read from each object's path and a unit may hold several.
     """
     if category_from == "manifest":
-        if not manifest:
-            raise ValueError("category_from='manifest' needs a manifest URL")
+        require(bool(manifest), "category_from='manifest' needs a manifest URL")
+        read_manifest_records(manifest)
         return [ListingUnit(unit_key(manifest), manifest, None, "manifest")]
     if pattern is not None:
         check_category_pattern(pattern)
     units = []
-    for root in inputs:
+    for root in dict.fromkeys(url.rstrip("/") for url in inputs):
         fs, path = storage.filesystem(root)
         entries = storage.with_retries(lambda: fs.ls(path, detail=True), f"list {root}")
         for entry in sorted(entries, key=lambda e: e["name"]):
@@ -83,7 +78,7 @@ def plan_units(inputs: list[str], category_from: str = "path", manifest: str | N
         has_loose_files = any(e["type"] == "file" and is_image_name(e["name"]) for e in entries)
         if has_loose_files and (categories is None or pattern is not None):
             category = None if pattern is not None else UNCATEGORIZED
-            units.append(ListingUnit(unit_key(root.rstrip("/") + "/*"), root, category, "files", root, pattern))
+            units.append(ListingUnit(unit_key(root + "/*"), root, category, "files", root, pattern))
     return units
 
 
@@ -129,12 +124,20 @@ def _ls(fs, path: str, what: str) -> list[dict]:
 
 
 def walk_sorted(url: str, recursive: bool = True) -> Iterator[tuple[str, dict]]:
-    """(url, info) of files below ``url`` in a deterministic order, one directory in memory at a time."""
+    """(url, info) of files below ``url`` in a deterministic order, one directory in memory at a time.
+
+    A directory that vanished since it was seen is skipped: its objects are
+    gone, there is nothing to score.
+    """
     fs, root = storage.filesystem(url)
     stack = [root]
     while stack:
         directory = stack.pop()
-        entries = sorted(_ls(fs, directory, f"list {directory}"), key=lambda e: e["name"])
+        try:
+            entries = sorted(_ls(fs, directory, f"list {directory}"), key=lambda e: e["name"])
+        except FileNotFoundError:
+            log.warning("%s vanished while it was listed", storage.full_url(fs, directory))
+            continue
         for entry in entries:
             if entry["type"] == "file":
                 yield storage.full_url(fs, entry["name"]), entry
@@ -142,8 +145,13 @@ def walk_sorted(url: str, recursive: bool = True) -> Iterator[tuple[str, dict]]:
             stack.extend(e["name"] for e in reversed(entries) if e["type"] == "directory")
 
 
-def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | None = None) -> Iterator[dict]:
-    """The image objects of a unit, in a fixed order, with their identity fields."""
+def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | None = None,
+              on_deferred: Callable[[str], None] | None = None) -> Iterator[dict]:
+    """The image objects of a unit, in a fixed order, with their identity fields.
+
+    Objects modified after ``started_at`` are passed to ``on_deferred``
+    instead: they belong to the next run of an input that is still filling up.
+    """
     if unit.kind == "manifest":
         yield from _iter_manifest(unit.location, categories)
         return
@@ -153,41 +161,107 @@ def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | N
             continue
         modified = _mtime(info)
         if modified is not None and modified > started_at:
-            log.info("leaving %s for the next run: modified after this run started", url)
+            if on_deferred:
+                on_deferred(url)
             continue
         category = unit.category
         if pattern is not None:
             match = pattern.search(_relative(url, unit.root))
-            category = match.group("category") if match else UNCATEGORIZED
+            category = match.group("category") if match and is_category_name(match.group("category")) else UNCATEGORIZED
             if categories is not None and category not in categories:
                 continue
         yield object_row(url, info, category)
 
 
-def _iter_manifest(url: str, categories: list[str] | None) -> Iterator[dict]:
-    """Rows ``uri, category`` of a CSV (with header) or JSONL manifest."""
-    text = storage.read_bytes(url).decode("utf-8")
+def read_manifest_records(url: str) -> list[tuple[str, str]]:
+    """``(uri, category)`` of a CSV (with header) or JSONL manifest, checked whole.
+
+    The driver reads it before anything runs, so a bad line or a repeated uri
+    stops the job at the edge rather than half-way through, with rows written.
+    """
+    try:
+        text = storage.read_bytes(url).decode("utf-8")
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise TransientStorageError(f"read manifest {url}", exc) from exc
+    records: list[tuple[str, str]] = []
+    seen: set[str] = set()
     if url.endswith((".jsonl", ".ndjson", ".json")):
-        records = (json.loads(line) for line in text.splitlines() if line.strip())
+        lines = [line for line in text.splitlines() if line.strip()]
+        try:
+            raw = [json.loads(line) for line in lines]
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{url}: not JSON lines: {exc}") from None
     else:
-        records = csv.DictReader(io.StringIO(text))
-    for number, record in enumerate(records, start=1):
+        raw = list(csv.DictReader(io.StringIO(text)))
+    for number, record in enumerate(raw, start=1):
+        require(isinstance(record, dict), f"{url}: record {number} is not an object: {record!r}")
         uri, category = record.get("uri"), record.get("category")
-        if not uri or not category:
-            raise ValueError(f"{url}: record {number} needs 'uri' and 'category', got {record}")
-        if categories is not None and category not in categories:
+        require(isinstance(uri, str) and uri != "" and isinstance(category, str) and category != "",
+                f"{url}: record {number} needs 'uri' and 'category', got {record}")
+        require(is_category_name(category), f"{url}: record {number}: {category!r} is not a usable category name")
+        require(uri not in seen, f"{url}: record {number} repeats {uri}")
+        seen.add(uri)
+        records.append((uri, category))
+    return records
+
+
+def _iter_manifest(url: str, categories: list[str] | None) -> Iterator[dict]:
+    for uri, category in read_manifest_records(url):
+        if categories is None or category in categories:
+            yield {"image_uri": uri, "category": category, "object_size": None, "object_etag": None, "object_mtime": None}
+
+
+@dataclass(frozen=True)
+class ListingContext:
+    """What every read task needs besides its unit (kept small: it is pickled into each task)."""
+
+    output: str
+    run_date: str
+    run_id: str
+    versions: dict[str, str | None]
+    started_at: datetime
+    categories: list[str] | None = None
+    block_rows: int = 64
+
+
+def read_unit(unit: ListingUnit, context: ListingContext) -> Iterator[pa.Table]:
+    """Blocks of the unit's objects that no earlier run has scored with the current model version.
+
+    The parts this run writes meanwhile are ignored (see :mod:`.commit`), so a
+    replayed task lists exactly what it listed the first time.
+    """
+    scope = None if unit.category is None else [unit.category]
+    try:
+        done = committed(context.output, context.run_date, unit.key, scope, exclude_run=context.run_id)
+    except Exception as exc:  # noqa: BLE001 - cannot tell what is done: retry rather than duplicate
+        raise TransientStorageError(f"read committed parts of {unit.location}", exc) from exc
+    block, skipped, deferred = [], 0, []
+    for row in iter_unit(unit, context.started_at, context.categories, on_deferred=deferred.append):
+        version = context.versions.get(row["category"])
+        if (row["image_uri"], version) in done:
+            skipped += 1
             continue
-        yield {"image_uri": uri, "category": category, "object_size": None, "object_etag": None, "object_mtime": None}
+        block.append({**row, "model_version": version, "run_date": context.run_date, "pkey": unit.key})
+        if len(block) >= context.block_rows:
+            yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
+            block = []
+    if block:
+        yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
+    if skipped:
+        log.info("%s: %d objects already scored, skipped", unit.location, skipped)
+    if deferred:
+        log.warning("%s: %d objects modified after the run started are left for the next run (e.g. %s)",
+                    unit.location, len(deferred), deferred[0])
 
 
 class ListingDatasource(Datasource):
-    """Ray Data source: one read task per unit; lists it, skips what is committed, yields bounded blocks."""
+    """Ray Data source: one read task per listing unit."""
 
-    def __init__(self, units: list[ListingUnit], output: str, run_date: str, versions: dict[str, str | None],
-                 started_at: datetime, categories: list[str] | None = None, block_rows: int = 64) -> None:
+    def __init__(self, units: list[ListingUnit], context: ListingContext) -> None:
         super().__init__()
-        self.units, self.output, self.run_date, self.versions = units, output, run_date, versions
-        self.started_at, self.categories, self.block_rows = started_at, categories, block_rows
+        self.units, self.context = units, context
 
     def get_name(self) -> str:
         return "ArchiveListing"
@@ -197,25 +271,5 @@ class ListingDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return [ReadTask(lambda unit=unit: self._read(unit), metadata, schema=LISTING_SCHEMA) for unit in self.units]
-
-    def _read(self, unit: ListingUnit) -> Iterable[pa.Table]:
-        scope = None if unit.category is None else [unit.category]
-        try:
-            done = committed(self.output, self.run_date, unit.key, scope)
-        except Exception as exc:  # noqa: BLE001 - cannot tell what is done: retry rather than duplicate
-            raise TransientStorageError(f"read committed parts of {unit.location}", exc) from exc
-        block, skipped = [], 0
-        for row in iter_unit(unit, self.started_at, self.categories):
-            version = self.versions.get(row["category"])
-            if (row["image_uri"], version) in done:
-                skipped += 1
-                continue
-            block.append({**row, "model_version": version, "run_date": self.run_date, "pkey": unit.key})
-            if len(block) >= self.block_rows:
-                yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
-                block = []
-        if block:
-            yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
-        if skipped:
-            log.info("%s: %d objects already scored, skipped", unit.location, skipped)
+        return [ReadTask(functools.partial(read_unit, unit, self.context), metadata, schema=LISTING_SCHEMA)
+                for unit in self.units]

@@ -58,3 +58,19 @@ FILE_SCHEMA = pa.schema(
 
 # The logical schema a reader sees with hive partitioning on.
 RESULT_SCHEMA = FILE_SCHEMA.append(pa.field("category", pa.string())).append(pa.field("run_date", pa.string()))
+
+# --- inside the pipeline: what travels between its stages -----------------------------------
+
+# Where a row goes: its partition and the listing unit whose part file commits it.
+_ROUTING = [pa.field("category", pa.string()), pa.field("run_date", pa.string()), pa.field("pkey", pa.string())]
+_IDENTITY = [FILE_SCHEMA.field(name) for name in ("image_uri", "model_version", "object_size", "object_etag", "object_mtime")]
+
+# One listed object.
+LISTING_SCHEMA = pa.schema(_IDENTITY + _ROUTING)
+# One object read and resized to its model's input (``pixels``), or its error.
+DECODED_SCHEMA = pa.schema(list(LISTING_SCHEMA) + [
+    FILE_SCHEMA.field("width"), FILE_SCHEMA.field("height"), pa.field("pixels", pa.binary()),
+    FILE_SCHEMA.field("error"), FILE_SCHEMA.field("error_message"),
+])
+# One result row on its way to a part file.
+ROUTED_SCHEMA = pa.schema(list(FILE_SCHEMA) + _ROUTING)

@@ -18,6 +18,7 @@ Listing and write tasks import no torch, so they stay small (~100 MB, not ~1 GB)
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -27,54 +28,16 @@ from datetime import datetime, timezone
 import ray
 
 from .. import storage
-from ..config import ScoringResources, check_category_pattern
-from ..jobs import validate_run_date
-from ..model.detector import read_manifest
+from ..config import ScoreRequest
+from ..model.detector import MANIFEST_FILE
 from ..storage import TransientStorageError
 from . import commit
 from .cluster import gpus_per_worker
 from .commit import PartSink
-from .listing import ListingDatasource, iter_unit, plan_units
+from .listing import ListingContext, ListingDatasource, iter_unit, plan_units
 from .stages import CategoryScorer, fetch_and_decode
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """One scoring run: what to read, which models, where to write, how to size it."""
-
-    inputs: tuple[str, ...]
-    models: str
-    output: str
-    run_date: str
-    categories: tuple[str, ...] | None = None
-    category_from: str = "path"
-    category_pattern: str | None = None
-    manifest: str | None = None
-    epsilon: float | None = None
-    resources: ScoringResources = field(default_factory=ScoringResources)
-    listing_block_rows: int = 64
-    rows_per_file: int = 256
-    storage_retries: int = 8
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        if self.categories is not None:
-            object.__setattr__(self, "categories", tuple(self.categories))
-        validate_run_date(self.run_date)
-        if self.category_pattern is not None:
-            check_category_pattern(self.category_pattern)
-        if not self.inputs and self.category_from == "path":
-            raise ValueError("no inputs to score")
-        if self.rows_per_file < 1 or self.listing_block_rows < 1:
-            raise ValueError(f"invalid file or block size in {self}")
-
-
-    @property
-    def category_filter(self) -> list[str] | None:
-        """The categories to score, or None for every category found."""
-        return list(self.categories) if self.categories else None
-
 
 @dataclass
 class ScoreSummary:
@@ -85,38 +48,64 @@ class ScoreSummary:
     units: int = 0
 
 
-def resolve_models(models_url: str, categories: Iterable[str]) -> tuple[dict[str, str | None], dict[str, tuple[int, int]]]:
-    """Current model version and input size per category, fixed for the whole run."""
+@dataclass
+class ModelIndex:
+    """The models of one run, fixed at its start: a model published mid-run waits for the next run."""
+
+    versions: dict[str, str | None] = field(default_factory=dict)
+    input_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    unusable: dict[str, str] = field(default_factory=dict)  # category -> why its model cannot be used
+
+
+def resolve_models(models_url: str, categories: Iterable[str]) -> ModelIndex:
+    """Current version and input size per category, from the manifests alone (no weights downloaded).
+
+    A category whose manifest cannot be read or understood is marked unusable:
+    its images get error rows, the other categories are scored.
+    """
     store = storage.ModelStore(models_url)
-    versions, sizes = {}, {}
+    index = ModelIndex()
     for category in sorted(set(categories)):
         version = store.current_version(category)
-        versions[category] = version
-        if version is not None:
-            directory, _ = store.fetch(category, version)
-            sizes[category] = tuple(read_manifest(directory)["config"]["backbone"]["input_size"])
-    return versions, sizes
+        index.versions[category] = version
+        if version is None:
+            continue
+        try:
+            manifest = json.loads(storage.read_bytes(storage.join(store.version_url(category, version), MANIFEST_FILE)))
+            height, width = manifest["config"]["backbone"]["input_size"]
+            index.input_sizes[category] = (int(height), int(width))
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+            index.unusable[category] = f"model {category}/{version} has no usable manifest: {type(exc).__name__}: {exc}"
+    return index
+
+
+def categories_in(units: list, models_url: str) -> list[str]:
+    """Categories a run may meet: those of its units, or, when rows carry their own, every modelled one."""
+    known = [u.category for u in units if u.category]
+    if any(u.category is None for u in units):
+        known += storage.ModelStore(models_url).categories()
+    return known
 
 
 def preview(request: ScoreRequest) -> dict[str, Counter]:
-    """What a run would do, per category: objects to score and objects already done.
+    """What a run would do, per category: objects to score, already done, without a model, arrived too late.
 
     Lists everything in the driver, so it is for ``--dry-run``, not for the run itself.
     """
     started_at = datetime.now(timezone.utc)
     categories = request.category_filter
     units = plan_units(list(request.inputs), request.category_from, request.manifest, categories, request.category_pattern)
-    store = storage.ModelStore(request.models)
-    versions: dict[str, str | None] = {}
+    versions = resolve_models(request.models, categories_in(units, request.models)).versions
     counts: dict[str, Counter] = {}
     for unit in units:
         done = commit.committed(request.output, request.run_date, unit.key, None if unit.category is None else [unit.category])
-        for row in iter_unit(unit, started_at, categories):
-            category = row["category"]
-            if category not in versions:
-                versions[category] = store.current_version(category)
-            outcome = "done" if (row["image_uri"], versions[category]) in done else "to_score" if versions[category] else "no_model"
-            counts.setdefault(category, Counter())[outcome] += 1
+        deferred: list[str] = []
+        for row in iter_unit(unit, started_at, categories, on_deferred=deferred.append):
+            version = versions.get(row["category"])
+            outcome = "done" if (row["image_uri"], version) in done else "to_score" if version else "no_model"
+            counts.setdefault(row["category"], Counter())[outcome] += 1
+        if deferred and unit.category:
+            counts.setdefault(unit.category, Counter())["deferred"] += len(deferred)
     return counts
 
 
@@ -137,21 +126,20 @@ def run_scoring(request: ScoreRequest) -> ScoreSummary:
     if not units:
         log.warning("nothing to score under %s", ", ".join(request.inputs) or request.manifest)
         return summary
-    known = [u.category for u in units if u.category]
-    if any(u.category is None for u in units):  # manifest units: categories show up row by row
-        known += storage.ModelStore(request.models).categories()
-    versions, sizes = resolve_models(request.models, known)
-    summary.model_versions = versions
+    models = resolve_models(request.models, categories_in(units, request.models))
+    summary.model_versions = models.versions
     configure_retries(request.storage_retries)
 
     resources = request.resources
     gpus = gpus_per_worker(resources.gpus_per_actor)
-    sink = PartSink(request.output, request.rows_per_file)
-    source = ListingDatasource(units, request.output, request.run_date, versions, started_at,
-                               request.category_filter, request.listing_block_rows)
-    dataset = ray.data.read_datasource(source)
+    run_id = commit.new_run_id()
+    sink = PartSink(request.output, request.rows_per_file, run_id)
+    context = ListingContext(request.output, request.run_date, run_id, models.versions, started_at,
+                             request.category_filter, request.listing_block_rows)
+    dataset = ray.data.read_datasource(ListingDatasource(units, context))
     dataset = dataset.map_batches(
-        fetch_and_decode, fn_kwargs={"input_sizes": sizes}, batch_size=resources.batch_size,
+        fetch_and_decode, fn_kwargs={"input_sizes": models.input_sizes, "unusable": models.unusable},
+        batch_size=resources.batch_size,
         batch_format="pyarrow", num_cpus=resources.decode_cpus,
     )
     dataset = dataset.map_batches(

@@ -27,63 +27,59 @@ from ..model.detector import ModelFormatError, UFlowDetector
 from ..storage import TransientStorageError
 from ..train import resolve_device
 from . import rows
-from .schema import FILE_SCHEMA
+from .schema import DECODED_SCHEMA, ROUTED_SCHEMA
 
 log = logging.getLogger(__name__)
 
-# Columns that travel with each row through the pipeline, besides the results.
-ROUTING = [pa.field("category", pa.string()), pa.field("run_date", pa.string()), pa.field("pkey", pa.string())]
-RESULT_SCHEMA = pa.schema(list(FILE_SCHEMA) + ROUTING)
-DECODED_SCHEMA = pa.schema([
-    pa.field("image_uri", pa.string()), pa.field("category", pa.string()), pa.field("model_version", pa.string()),
-    pa.field("object_size", pa.int64()), pa.field("object_etag", pa.string()),
-    pa.field("object_mtime", pa.timestamp("us", tz="UTC")), pa.field("run_date", pa.string()), pa.field("pkey", pa.string()),
-    pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("pixels", pa.binary()),
-    pa.field("error", pa.string()), pa.field("error_message", pa.string()),
-])
-
-
 def results_table(records: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
+    return pa.Table.from_pylist(records, schema=ROUTED_SCHEMA)
 
 
 def _with_routing(row: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     return {**row, "run_date": item["run_date"], "pkey": item["pkey"]}
 
 
-def fetch_and_decode(batch: pa.Table, input_sizes: dict[str, tuple[int, int]], max_pixels: int = data.DEFAULT_MAX_PIXELS) -> pa.Table:
+def fetch_and_decode(batch: pa.Table, input_sizes: dict[str, tuple[int, int]], unusable: dict[str, str] | None = None) -> pa.Table:
     """Read each object and resize it to its category's model input (uint8, CHW bytes).
 
-    Objects of a category without a model are not even read.
+    Objects of a category without a usable model are not even read. An object
+    that is gone becomes a ``read_error`` row; one that cannot be read for any
+    other reason (a storage glitch, a denied permission, an expired token)
+    fails the task, so that a retry or a corrected re-run scores it instead of
+    committing an error for good.
     """
+    unusable = unusable or {}
     out = []
     for item in batch.to_pylist():
         decoded = {**item, "width": None, "height": None, "pixels": None, "error": None, "error_message": None}
-        size = input_sizes.get(item["category"])
-        if item["model_version"] is None or size is None:
-            decoded.update(error="no_model", error_message=f"no trained model for category {item['category']!r}")
+        category = item["category"]
+        if category in unusable:
+            decoded.update(error="inference_error", error_message=unusable[category])
+            out.append(decoded)
+            continue
+        if item["model_version"] is None or category not in input_sizes:
+            decoded.update(error="no_model", error_message=f"no trained model for category {category!r}")
             out.append(decoded)
             continue
         try:
             raw = storage.read_bytes(item["image_uri"])
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        except (FileNotFoundError, IsADirectoryError) as exc:
             decoded.update(error="read_error", error_message=f"{type(exc).__name__}: {exc}")
             out.append(decoded)
             continue
-        except Exception as exc:  # noqa: BLE001 - a storage glitch: fail the task so Ray retries it
+        except Exception as exc:  # noqa: BLE001 - fail the task so Ray retries it
             raise TransientStorageError(f"read {item['image_uri']}", exc) from exc
         if decoded["object_size"] is None:
             decoded["object_size"] = len(raw)
         try:
-            image = data.decode_image(raw, max_pixels=max_pixels)
-        except data.ImageDecodeError as exc:
-            decoded.update(error="decode_error", error_message=str(exc))
+            image = data.decode_image(raw)
+            pixels = data.resize_to_model(image, input_sizes[category]).numpy().tobytes()
+        except Exception as exc:  # noqa: BLE001 - whatever these bytes do to a decoder, it is this image's row
+            message = str(exc) if isinstance(exc, data.ImageDecodeError) else f"{type(exc).__name__}: {exc}"
+            decoded.update(error="decode_error", error_message=message)
             out.append(decoded)
             continue
-        decoded.update(
-            height=image.shape[0], width=image.shape[1],
-            pixels=data.resize_to_model(image, size).numpy().tobytes(),
-        )
+        decoded.update(height=image.shape[0], width=image.shape[1], pixels=pixels)
         out.append(decoded)
     return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 
