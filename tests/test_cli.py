@@ -47,6 +47,8 @@ def test_bad_configuration_exits_2_and_failed_work_exits_1(tmp_path):
     assert "Traceback" not in missing.stderr
     usage = uflow("score", "--models", "x")
     assert usage.returncode == 2
+    attempts = uflow("train-all", "--data", str(tmp_path), "--models", str(tmp_path / "m"), "--max-attempts", "0")
+    assert attempts.returncode == 2 and "attempts per category must be an integer >= 1" in attempts.stderr
 
 
 def job_spec(tmp_path: Path, archive_root: str, models: str, output: str) -> Path:

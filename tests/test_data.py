@@ -39,6 +39,13 @@ def test_16_bit_images_are_scaled_not_clipped():
     assert list(decoded[0, :, 0]) == [0, 100, 255]
 
 
+def test_float_images_in_the_unit_range_are_scaled_to_bytes():
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    assert list(data.to_rgb8(unit)[0, :, 0]) == [0, 128, 255]
+    bytes_range = Image.fromarray(np.array([[0.0, 100.0, 255.0]], dtype=np.float32), mode="F")
+    assert list(data.to_rgb8(bytes_range)[0, :, 0]) == [0, 100, 255]
+
+
 @pytest.mark.parametrize(
     "payload, message",
     [

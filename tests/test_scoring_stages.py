@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
+from uflow_batch import data
 from uflow_batch.config import ConfigError, ScoreRequest
 from uflow_batch.pipelines import commit
-from uflow_batch.pipelines.schema import LISTING_SCHEMA
 from uflow_batch.pipelines.listing import UNCATEGORIZED, ListingContext, iter_unit, plan_units, read_unit, walk_sorted
-from uflow_batch.pipelines.rows import decode_mask_png
-from uflow_batch.pipelines.schema import FILE_SCHEMA
+from uflow_batch.pipelines.schema import DECODED_SCHEMA, FILE_SCHEMA, LISTING_SCHEMA, ROUTED_SCHEMA
 from uflow_batch.pipelines.score import resolve_models
-from uflow_batch.pipelines.schema import DECODED_SCHEMA, ROUTED_SCHEMA
 from uflow_batch.pipelines.stages import CategoryScorer, fetch_and_decode
 from uflow_batch.storage import ModelStore, TransientStorageError
 from uflow_batch.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
@@ -139,7 +134,7 @@ def test_scorer_writes_one_schema_row_per_input_and_loads_each_model_once(archiv
         row = rows[file.url]
         if file.expected == SCORED:
             assert row["error"] is None and 0.0 <= row["image_score"] <= 1.0
-            mask = decode_mask_png(row["mask_png"])
+            mask = data.decode_mask(row["mask_png"])
             assert mask.shape == (row["height"], row["width"])
             assert row["defect_area_px"] == mask.sum() and row["n_regions"] == len(row["regions"])
             assert row["is_anomalous"] == (row["n_regions"] > 0)

@@ -70,18 +70,6 @@ def test_list_dirs_names_the_immediate_subdirectories_in_order(root_url: str) ->
     assert storage.list_dirs(root_url) == ["alpha", "beta"]
 
 
-def test_walk_files_yields_every_file_below_as_a_readable_url(root_url: str) -> None:
-    contents = {"one.bin": b"1", "sub/two.bin": b"22", "sub/deep/three.bin": b"333"}
-    for name, data in contents.items():
-        storage.write_bytes_atomic(storage.join(root_url, name), data)
-
-    found = {url: info["size"] for url, info in storage.walk_files(root_url)}
-
-    assert sorted(found.values()) == [1, 2, 3]
-    assert sorted(storage.read_bytes(url) for url in found) == sorted(contents.values())
-    assert sorted(url.removeprefix(root_url).lstrip("/") for url in found) == sorted(contents)
-
-
 def test_join_makes_one_slash_between_parts() -> None:
     assert storage.join("s3://bucket/prefix/", "/models/", "cat") == "s3://bucket/prefix/models/cat"
     assert storage.join("/data", "a/", "b") == "/data/a/b"
@@ -96,7 +84,6 @@ def test_listings_see_objects_written_by_another_client_meanwhile(s3_bucket_url:
 
     assert storage.list_dirs(s3_bucket_url) == ["first", "second"]
     assert storage.exists(storage.join(s3_bucket_url, "second", "g.bin"))
-    assert len(list(storage.walk_files(s3_bucket_url))) == 2
 
 
 # --- model store -----------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import uuid
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def test_every_defective_test_image_has_a_same_size_non_empty_mask(tiny_dataset:
             image = data.decode_image(storage.read_bytes(item.url))
             assert image.shape == (TINY.image_size, TINY.image_size, 3)
             if item.is_anomalous:
-                mask = data.load_mask(storage.read_bytes(item.mask_url))
+                mask = data.decode_mask(storage.read_bytes(item.mask_url))
                 assert mask.shape == image.shape[:2] and mask.any()
                 with Image.open(item.mask_url) as stored:
                     assert set(np.unique(np.asarray(stored))) <= {0, 255}

@@ -9,7 +9,8 @@ import pytest
 
 from uflow_batch.config import TrainConfig
 from uflow_batch.pipelines import train_all as train_all_module
-from uflow_batch.pipelines.train_all import TaskResources, train_all, train_and_publish
+from uflow_batch.config import TaskResources
+from uflow_batch.pipelines.train_all import train_all, train_and_publish
 from uflow_batch.storage import ModelStore
 from uflow_batch.train import TrainingDiverged
 

@@ -73,6 +73,15 @@ def test_loading_refuses_a_model_trained_on_other_backbone_weights(trained, tmp_
         UFlowDetector.load(tmp_path / "nowhere")
 
 
+def test_manifests_are_strict_json_even_with_non_finite_statistics(trained, tmp_path):
+    out, _ = trained
+    detector = UFlowDetector.load(out)
+    detector.save(tmp_path, {"fair_threshold": float("nan"), "training": {"best_val_loss": float("inf")}})
+    text = (tmp_path / MANIFEST_FILE).read_text()
+    manifest = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert manifest["fair_threshold"] is None and manifest["training"]["best_val_loss"] is None
+
+
 def test_validation_images_are_held_out_of_training():
     train, val = split_indices(100, 0.15, seed=0)
     assert len(val) == 15 and len(train) == 85

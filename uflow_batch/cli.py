@@ -6,11 +6,13 @@ not train, images errored where that is fatal); 2 bad usage or configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import click
 from tqdm import tqdm
@@ -23,6 +25,7 @@ from .config import (
     NFAConfig,
     ScoreRequest,
     ScoringResources,
+    TaskResources,
     TrainConfig,
     validate_run_date,
 )
@@ -36,6 +39,12 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _default(config: type, name: str) -> Any:
+    """A config dataclass field's default, so the CLI offers (and shows) the one the library defines."""
+    value = next(f.default for f in dataclasses.fields(config) if f.name == name)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
 def _ints(text: str | None) -> tuple[int, ...] | None:
     return tuple(int(v) for v in text.split(",")) if text else None
 
@@ -43,20 +52,20 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
 def detector_options(command):
     """Options that define a detector's architecture (recorded in its manifest)."""
     options = [
-        click.option("--backbone", default="lite0", show_default=True,
+        click.option("--backbone", default=_default(BackboneConfig, "name"), show_default=True,
                      help=f"Frozen feature extractor: {', '.join(available_backbones())}."),
-        click.option("--input-size", default="256,256", show_default=True,
+        click.option("--input-size", default=_default(BackboneConfig, "input_size"), show_default=True,
                      help="Model input HEIGHT,WIDTH (multiples of 32); images of any size are resized to it."),
         click.option("--backbone-weights", default=None,
                      help="Local weights file (or directory, for mcait) for backbones whose weights are not packaged."),
         click.option("--layers", default=None, help="Backbone stages to use, e.g. 1,2,3 (default: the backbone's own)."),
-        click.option("--steps-per-stage", default=4, show_default=True, help="Glow-style flow steps per scale."),
-        click.option("--nfa-windows", default="5,3", show_default=True,
+        click.option("--steps-per-stage", default=_default(FlowConfig, "steps_per_stage"), show_default=True, help="Glow-style flow steps per scale."),
+        click.option("--nfa-windows", default=_default(NFAConfig, "windows"), show_default=True,
                      help="NFA block side per scale, finest first; the number of entries is the number of scales tested."),
-        click.option("--nfa-p", default=0.9, show_default=True, help="Chi-square(1) quantile level defining candidates."),
-        click.option("--epsilon", default=1.0, show_default=True,
+        click.option("--nfa-p", default=_default(NFAConfig, "p"), show_default=True, help="Chi-square(1) quantile level defining candidates."),
+        click.option("--epsilon", default=_default(NFAConfig, "epsilon"), show_default=True,
                      help="NFA threshold: expected false detections per image tolerated."),
-        click.option("--image-score", type=click.Choice(["anomaly_max", "nfa_max"]), default="anomaly_max",
+        click.option("--image-score", type=click.Choice(["anomaly_max", "nfa_max"]), default=_default(DetectorConfig, "image_score"),
                      show_default=True, help="Image score: max of the anomaly map, or max -log10 NFA."),
     ]
     for option in reversed(options):
@@ -66,13 +75,13 @@ def detector_options(command):
 
 def training_options(command):
     options = [
-        click.option("--epochs", "max_epochs", default=200, show_default=True, help="Maximum epochs (early stopping may end sooner)."),
-        click.option("--batch-size", default=16, show_default=True),
-        click.option("--lr", "learning_rate", default=1e-3, show_default=True, help="Adam learning rate (peak of the schedule)."),
-        click.option("--patience", default=25, show_default=True, help="Epochs without validation improvement before stopping."),
-        click.option("--val-fraction", default=0.15, show_default=True, help="Share of train/good held out for validation."),
-        click.option("--seed", default=0, show_default=True),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."),
+        click.option("--epochs", "max_epochs", default=_default(TrainConfig, "max_epochs"), show_default=True, help="Maximum epochs (early stopping may end sooner)."),
+        click.option("--batch-size", default=_default(TrainConfig, "batch_size"), show_default=True),
+        click.option("--lr", "learning_rate", default=_default(TrainConfig, "learning_rate"), show_default=True, help="Adam learning rate (peak of the schedule)."),
+        click.option("--patience", default=_default(TrainConfig, "patience"), show_default=True, help="Epochs without validation improvement before stopping."),
+        click.option("--val-fraction", default=_default(TrainConfig, "val_fraction"), show_default=True, help="Share of train/good held out for validation."),
+        click.option("--seed", default=_default(TrainConfig, "seed"), show_default=True),
+        click.option("--device", default=_default(TrainConfig, "device"), show_default=True, help="auto, cpu, cuda, cuda:1, ..."),
         click.option("--skip-corrupt", is_flag=True, help="Skip unreadable training images (counted in the manifest) instead of failing."),
     ]
     for option in reversed(options):
@@ -143,16 +152,16 @@ def _split_configs(options: dict) -> tuple[DetectorConfig, TrainConfig]:
 @click.option("--data", required=True, help="Dataset root (MVTec AD layout): local path, s3:// or gs:// URL.")
 @click.option("--models", required=True, help="Model store URL; models land in <models>/<category>/<version>/.")
 @click.option("--categories", default=None, help="Comma-separated categories (default: every category under --data).")
-@click.option("--num-cpus", default=1.0, show_default=True, help="CPUs per category task.")
+@click.option("--num-cpus", default=_default(TaskResources, "num_cpus"), show_default=True, help="CPUs per category task.")
 @click.option("--num-gpus", default=None, type=float, help="GPUs per category task (default: 1 if the cluster has GPUs, else 0).")
-@click.option("--max-attempts", default=3, show_default=True, help="Attempts per category before it is reported failed.")
+@click.option("--max-attempts", default=_default(TaskResources, "max_attempts"), show_default=True, help="Attempts per category before it is reported failed.")
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).")
 @detector_options
 @training_options
 def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, address, **options) -> None:
     """Train every category in parallel on a Ray cluster and publish the models."""
     from .pipelines.cluster import ray_session
-    from .pipelines.train_all import TaskResources, train_all as run_train_all
+    from .pipelines.train_all import train_all as run_train_all
 
     detector_config, train_config = _split_configs(options)
     resources = TaskResources(num_cpus=num_cpus, num_gpus=num_gpus, max_attempts=max_attempts)
@@ -174,13 +183,13 @@ def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, addres
 
 def scoring_options(command):
     options = [
-        click.option("--batch-size", default=16, show_default=True, help="Images per inference batch."),
-        click.option("--actors", default=1, show_default=True, help="Inference actors (each holds the models it needs)."),
+        click.option("--batch-size", default=_default(ScoringResources, "batch_size"), show_default=True, help="Images per inference batch."),
+        click.option("--actors", default=_default(ScoringResources, "actors"), show_default=True, help="Inference actors (each holds the models it needs)."),
         click.option("--gpus-per-actor", default=None, type=float,
                      help="GPUs per inference actor (default: 1 if the cluster has GPUs, else 0 = CPU inference)."),
-        click.option("--cpus-per-actor", default=1.0, show_default=True, help="CPUs reserved by each inference actor."),
-        click.option("--decode-cpus", default=1.0, show_default=True, help="CPUs reserved by each read/decode task."),
-        click.option("--rows-per-file", default=256, show_default=True,
+        click.option("--cpus-per-actor", default=_default(ScoringResources, "cpus_per_actor"), show_default=True, help="CPUs reserved by each inference actor."),
+        click.option("--decode-cpus", default=_default(ScoringResources, "decode_cpus"), show_default=True, help="CPUs reserved by each read/decode task."),
+        click.option("--rows-per-file", default=_default(ScoreRequest, "rows_per_file"), show_default=True,
                      help="Rows gathered before a Parquet part file is committed (smaller: finer resume points)."),
         click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)."),
         click.option("--dry-run", is_flag=True, help="Print what would be scored (lists the inputs), score nothing."),

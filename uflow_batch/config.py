@@ -242,6 +242,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TaskResources:
+    """What one category's training task asks of the cluster.
+
+    ``num_gpus=None`` means one GPU when the cluster has any, none otherwise.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float | None = None
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        require(self.num_cpus > 0, f"CPUs per training task must be > 0, got {self.num_cpus}")
+        require(self.num_gpus is None or self.num_gpus >= 0, f"GPUs per training task must be >= 0, got {self.num_gpus}")
+        require(is_int(self.max_attempts) and self.max_attempts >= 1,
+                f"attempts per category must be an integer >= 1, got {self.max_attempts}")
+
+
+@dataclass(frozen=True)
 class ScoringResources:
     """How the scoring pipeline sizes its Ray work.
 

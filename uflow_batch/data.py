@@ -21,11 +21,15 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import storage
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +76,32 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     return to_rgb8(image)
 
 
+def _full_scale(mode: str, values: np.ndarray) -> float:
+    """The value that means white: 16-bit files use 65535; float images in [0, 1] use 1.
+
+    32-bit integer and float files do not say their range, so it is read off
+    the values: at most 1 (floats only) -> 1, at most 255 -> 255, else 65535.
+    """
+    if mode.startswith("I;16"):
+        return 65535.0
+    peak = float(values.max(initial=0.0))
+    if mode == "F" and peak <= 1.0:
+        return 1.0
+    return 255.0 if peak <= 255 else 65535.0
+
+
 def to_rgb8(image: Image.Image) -> np.ndarray:
     """Any Pillow mode -> uint8 RGB. Alpha is dropped; high bit depths are scaled, not clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        gray = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if image.mode == "F":
-        gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        gray = np.clip(np.rint(values / _full_scale(image.mode, values) * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "P":
         image = image.convert("RGBA")
     return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
-def resize_to_model(image: np.ndarray, size: tuple[int, int]) -> "torch.Tensor":
+def resize_to_model(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """uint8 (H, W, 3) -> uint8 (3, h, w) at the model's input size (antialiased bilinear)."""
     # torch is imported here rather than at the top: listing and write workers
     # import this module and would otherwise carry ~1 GB of torch for nothing.
@@ -100,8 +114,8 @@ def resize_to_model(image: np.ndarray, size: tuple[int, int]) -> "torch.Tensor":
     return tensor[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def load_mask(data: bytes) -> np.ndarray:
-    """A ground-truth mask (any non-zero pixel is defect) as bool (H, W)."""
+def decode_mask(data: bytes) -> np.ndarray:
+    """A mask image as bool (H, W): a ground-truth mask or a result's ``mask_png``; any non-zero pixel is defect."""
     image = Image.open(io.BytesIO(data))
     return np.asarray(image.convert("L")) > 0
 

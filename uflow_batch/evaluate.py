@@ -137,7 +137,7 @@ def score_test_split(
         for item, result, amap, size in zip(batch, results, anomaly, sizes):
             truth = np.zeros(size, dtype=bool)
             if item.mask_url:
-                truth = data.load_mask(storage.read_bytes(item.mask_url))
+                truth = data.decode_mask(storage.read_bytes(item.mask_url))
                 if truth.shape != tuple(size):
                     raise ValueError(f"mask {item.mask_url} is {truth.shape}, image is {size}")
             elif item.is_anomalous:
@@ -171,7 +171,8 @@ def evaluate_detector(
         regions.append(np.where(labelled > 0, labelled + offset, 0).ravel())
         offset += count
     oracle_threshold, oracle_iou = best_iou_threshold(pixel_scores, truth)
-    fair_threshold = float(detector.manifest.get("fair_threshold", np.nan))
+    fair_threshold = detector.manifest.get("fair_threshold")  # null when training had no validation maps
+    fair_threshold = np.nan if fair_threshold is None else float(fair_threshold)
 
     per_defect = {}
     for defect in sorted({s.item.defect for s in scored} - {"good"}):

@@ -33,7 +33,7 @@ import pyarrow.dataset as ds
 from PIL import Image, ImageFilter
 
 from . import __version__, storage
-from .data import decode_image
+from .data import decode_image, decode_mask
 from .pipelines.schema import ERROR_CODES, PARTITION_COLUMNS, RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -325,12 +325,6 @@ def defect_area_figure(table: pa.Table, colors: dict[str, str]) -> dict:
                        {"title": {"text": "defect_area_px (pixels)"}, "type": "log"})
 
 
-def decode_mask(png: bytes) -> np.ndarray:
-    """A ``mask_png`` value (mode "1" or "L") as bool (height, width)."""
-    with Image.open(io.BytesIO(png)) as image:
-        return np.asarray(image.convert("L")) > 0
-
-
 def render_thumbnail(
     image: np.ndarray | None,
     mask: np.ndarray | None,
@@ -540,16 +534,15 @@ def build_report(
     found_categories = tuple(sorted(set(table.column("category").to_pylist())))
     found_dates = tuple(sorted(set(table.column("run_date").to_pylist())))
     figures = _figures(table) if table.num_rows else []
+    counts = {"n_images": table.num_rows, "n_scored": scored.num_rows, "n_anomalous": n_anomalous,
+              "n_errors": table.num_rows - scored.num_rows}
     html = _TEMPLATE.render(
         title=", ".join(found_categories) or "no data",
         scores_url=storage.redact(scores_url),
         filters=filters,
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,
-        n_images=table.num_rows,
-        n_scored=scored.num_rows,
-        n_anomalous=n_anomalous,
-        n_errors=table.num_rows - scored.num_rows,
+        **counts,
         run_dates=found_dates,
         category_rows=category_rows(table),
         figures=figures,
@@ -561,10 +554,7 @@ def build_report(
     storage.write_bytes_atomic(out_path, data)
     summary = ReportSummary(
         out_path=out_path,
-        n_images=table.num_rows,
-        n_scored=scored.num_rows,
-        n_anomalous=n_anomalous,
-        n_errors=table.num_rows - scored.num_rows,
+        **counts,
         categories=found_categories,
         run_dates=found_dates,
         top_images=len(top),

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -171,15 +171,6 @@ def list_dirs(url: str) -> list[str]:
     fs, path = filesystem(url)
     entries = with_retries(lambda: fs.ls(path, detail=True), f"list {url}")
     return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
-
-
-def walk_files(url: str) -> Iterator[tuple[str, dict]]:
-    """(url, info) of every file below ``url``, streamed directory by directory."""
-    fs, root = filesystem(url)
-    for directory, _, files in fs.walk(root, detail=True):
-        for name in sorted(files):
-            info = files[name]
-            yield full_url(fs, info["name"] if "name" in info else f"{directory}/{name}"), info
 
 
 # --- model store -----------------------------------------------------------------------------

@@ -263,8 +263,8 @@ def rekey_efficientnet_pytorch(state_dict: dict[str, torch.Tensor], model: nn.Mo
 
 # Four scales, strides 4 to 32: the stride-4 maps localize small defects, the
 # stride-32 map gives the context that separates whole images. Measured on the
-# magnetic-tile data against strides 8-32 only: image AUROC 0.887 vs 0.869,
-# pixel AUROC 0.950 vs 0.935 (bench/evaluate_mtd.sh reproduces the default).
+# magnetic-tile data against strides 8-32 only: image AUROC 0.896 vs 0.869,
+# pixel AUROC 0.948 vs 0.935 (README; bench/evaluate_mtd.sh reproduces the default).
 LITE0_LAYERS = (1, 2, 3, 4)
 
 

@@ -139,7 +139,7 @@ class UFlowDetector(nn.Module):
             "latent_shapes": [list(s) for s in self.flow.latent_shapes],
             **(manifest or {}),
         }
-        (directory / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=_json_default))
+        (directory / MANIFEST_FILE).write_text(json.dumps(_strict_json(full), indent=2, sort_keys=True, allow_nan=False))
         return directory
 
     @classmethod
@@ -175,9 +175,17 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _json_default(value: Any) -> Any:
+def _strict_json(value: Any) -> Any:
+    """Manifest values as strict JSON: NaN/inf become null, arrays lists.
+
+    Python would write ``NaN``, which most other JSON readers reject.
+    """
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+    return value

@@ -29,10 +29,6 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_mask_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("1"), dtype=bool)
-
-
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 

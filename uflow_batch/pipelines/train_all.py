@@ -27,7 +27,7 @@ import ray
 import torch
 
 from .. import data
-from ..config import DetectorConfig, TrainConfig
+from ..config import DetectorConfig, TaskResources, TrainConfig
 from ..storage import ModelStore, redact
 from ..train import TrainingDiverged, TrainingError, train_category
 from .cluster import gpus_per_worker
@@ -35,22 +35,6 @@ from .cluster import gpus_per_worker
 log = logging.getLogger(__name__)
 
 PERMANENT_ERRORS = (data.DatasetLayoutError, TrainingError)
-
-
-@dataclass(frozen=True)
-class TaskResources:
-    """What one category's training task asks of the cluster.
-
-    ``num_gpus=None`` means one GPU when the cluster has any, none otherwise.
-    """
-
-    num_cpus: float = 1.0
-    num_gpus: float | None = None
-    max_attempts: int = 3
-
-    def __post_init__(self) -> None:
-        if self.num_cpus <= 0 or (self.num_gpus is not None and self.num_gpus < 0) or self.max_attempts < 1:
-            raise ValueError(f"invalid task resources: {self}")
 
 
 @dataclass
