@@ -17,6 +17,7 @@ from uflow_batch.train import (
     fit_flow,
     split_indices,
     train_category,
+    validation_scores,
 )
 
 SMALL = DetectorConfig(backbone=BackboneConfig(input_size=(64, 64)))
@@ -80,6 +81,17 @@ def test_manifests_are_strict_json_even_with_non_finite_statistics(trained, tmp_
     text = (tmp_path / MANIFEST_FILE).read_text()
     manifest = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert manifest["fair_threshold"] is None and manifest["training"]["best_val_loss"] is None
+
+
+def test_validation_scoring_in_batches_matches_scoring_the_images_whole(trained, tiny_root):
+    out, _ = trained
+    detector = UFlowDetector.load(out)
+    paths = sorted((tiny_root / "tile_exp1/train/good").glob("*.png"))[:5]
+    images = torch.stack([data.resize_to_model(data.decode_image(p.read_bytes()), (64, 64)) for p in paths])
+    whole = detector.score_maps(images)
+    scores, peak = validation_scores(detector, detector.features(images), batch_size=2)
+    assert np.allclose(scores, whole.image_score.numpy(), rtol=1e-5)
+    assert peak == pytest.approx(float(whole.anomaly.max()), rel=1e-5)
 
 
 def test_validation_images_are_held_out_of_training():

@@ -115,6 +115,16 @@ def _take(features: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tenso
     return [f[index] for f in features]
 
 
+def validation_scores(detector: UFlowDetector, features: list[torch.Tensor], batch_size: int) -> tuple[list[float], float]:
+    """Image scores of the validation images and the highest anomaly-map value among them, batch by batch."""
+    scores, peak = [], -math.inf
+    for start in range(0, len(features[0]), batch_size):
+        maps = detector.maps_from_features([f[start : start + batch_size] for f in features])
+        scores += [float(s) for s in maps.image_score]
+        peak = max(peak, float(maps.anomaly.max()))
+    return scores, peak
+
+
 def _mean_loss(detector: UFlowDetector, features: list[torch.Tensor], batch_size: int) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
@@ -219,11 +229,11 @@ def train_category(
     fit_flow(detector, _take(features, index(train_idx)), _take(features, index(val_idx)), train_config, report, on_epoch)
     report.fit_seconds = time.perf_counter() - started
 
-    val_maps = detector.score_maps(images[val_idx].to(device))
-    report.val_image_scores = [float(s) for s in val_maps.image_score]
+    val_scores, val_peak = validation_scores(detector, _take(features, index(val_idx)), train_config.batch_size)
+    report.val_image_scores = val_scores
     # The "fair" threshold: the lowest anomaly-map level that raises no alarm on
     # held-out normal images. Like the NFA, it never looks at an anomalous image.
-    report.fair_threshold = float(val_maps.anomaly.max())
+    report.fair_threshold = val_peak
 
     detector.save(out_dir, {
         "category": category,

@@ -87,10 +87,15 @@ class UFlowDetector(nn.Module):
     def latents(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.flow(features)
 
-    @torch.inference_mode()
     def score_maps(self, images: torch.Tensor) -> ScoreMaps:
         """Anomaly and -log10 NFA maps for uint8 images already at input size."""
-        latents, _ = self.latents(self.features(images))
+        with torch.inference_mode():
+            return self.maps_from_features(self.features(images))
+
+    @torch.inference_mode()
+    def maps_from_features(self, features: list[torch.Tensor]) -> ScoreMaps:
+        """The maps from backbone features already extracted (training caches them)."""
+        latents, _ = self.latents(features)
         anomaly = anomaly_map(latents, self.input_size)
         log10_nfa = self.nfa(latents)
         neg_log10_nfa = -torch.nn.functional.interpolate(
