@@ -35,9 +35,8 @@ import hashlib
 import io
 import logging
 import uuid
-from collections.abc import Iterable
-
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
