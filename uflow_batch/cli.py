@@ -98,6 +98,11 @@ def build_detector_config(backbone, input_size, backbone_weights, layers, steps_
     )
 
 
+def _advance(bar: tqdm, done: int, total: int) -> None:
+    bar.total = total
+    bar.update(done - bar.n)
+
+
 class _EpochBar:
     """tqdm over epochs showing the losses; closes itself at the end."""
 
@@ -165,8 +170,10 @@ def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, addres
 
     detector_config, train_config = _split_configs(options)
     resources = TaskResources(num_cpus=num_cpus, num_gpus=num_gpus, max_attempts=max_attempts)
-    wanted = [c for c in categories.split(",") if c] if categories else None
-    with ray_session(address), tqdm(desc="categories", unit="category", file=sys.stderr) as bar:
+    from .data import discover_categories
+
+    wanted = [c for c in categories.split(",") if c] if categories else discover_categories(data)
+    with ray_session(address), tqdm(total=len(wanted), desc="categories", unit="category", file=sys.stderr) as bar:
         outcomes = run_train_all(data, models, wanted, detector_config, train_config, resources,
                                  on_done=lambda o: (bar.update(), bar.set_postfix_str(f"{o.category}: {o.status}")))
     rows = [{**o.as_dict(), "seconds": round(o.seconds, 1), "best_val_loss": o.best_val_loss if o.best_val_loss is not None else "-",
@@ -325,7 +332,8 @@ def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out
         if not name:
             raise click.UsageError(f"{model_dir} records no category; pass --category")
         with tqdm(desc=f"evaluate {name}", unit="img", file=sys.stderr) as bar:
-            report = evaluate_detector(detector, data, name, batch_size=batch_size, on_image=bar.update)
+            report = evaluate_detector(detector, data, name, batch_size=batch_size,
+                                       on_image=lambda done, total: _advance(bar, done, total))
         rows.append(report.as_dict())
     if len(rows) > 1:
         mean = {key: sum(r[key] for r in rows) / len(rows) for key, _ in EVALUATION_COLUMNS}

@@ -119,9 +119,13 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 def score_test_split(
-    detector: UFlowDetector, items: list[data.TestImage], batch_size: int, on_image: Callable[[], None] | None = None
+    detector: UFlowDetector, items: list[data.TestImage], batch_size: int,
+    on_image: Callable[[int, int], None] | None = None,
 ) -> tuple[list[_ScoredImage], float]:
-    """Score every test image; returns per-image outputs and scoring seconds (I/O excluded)."""
+    """Score every test image; returns per-image outputs and scoring seconds (I/O excluded).
+
+    ``on_image(done, total)`` is called after each image, for progress bars.
+    """
     scored, seconds = [], 0.0
     for batch in _batches(items, batch_size):
         arrays = [data.decode_image(storage.read_bytes(item.url)) for item in batch]
@@ -144,7 +148,7 @@ def score_test_split(
                 log.warning("%s has no ground-truth mask; its pixels count as normal", item.url)
             scored.append(_ScoredImage(item, result.image_score, result.max_neg_log10_nfa, amap, result.mask, truth))
             if on_image:
-                on_image()
+                on_image(len(scored), len(items))
     return scored, seconds
 
 
@@ -153,7 +157,7 @@ def evaluate_detector(
     data_root: str,
     category: str,
     batch_size: int = 8,
-    on_image: Callable[[], None] | None = None,
+    on_image: Callable[[int, int], None] | None = None,
 ) -> EvaluationReport:
     items = data.test_images(data_root, category)
     scored, seconds = score_test_split(detector, items, batch_size, on_image)
