@@ -38,6 +38,11 @@ def test_train_then_evaluate_prints_the_metrics_table_and_writes_json(tmp_path):
     (row,) = json.loads(report.read_text())
     assert row["category"] == "tile_exp1" and row["n_images"] == 4 and 0.0 <= row["pixel_auroc"] <= 1.0
 
+    finer = uflow("evaluate", "--data", str(data), "--model", str(model), "--nfa-windows", "3", "--json-out", str(report))
+    assert finer.returncode == 0, finer.stderr[-2000:]
+    (finer_row,) = json.loads(report.read_text())
+    assert finer_row["pixel_auroc"] == row["pixel_auroc"], "only the NFA changes, not the anomaly map"
+
 
 def test_bad_configuration_exits_2_and_failed_work_exits_1(tmp_path):
     bad = uflow("train", "--data", str(tmp_path), "--category", "x", "--out", str(tmp_path / "m"), "--nfa-p", "3")

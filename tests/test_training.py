@@ -8,7 +8,7 @@ import torch
 
 from shared_data import make_tiny_mvtec
 from uflow_batch import data
-from uflow_batch.config import BackboneConfig, DetectorConfig, TrainConfig
+from uflow_batch.config import BackboneConfig, ConfigError, DetectorConfig, NFAConfig, TrainConfig
 from uflow_batch.model.detector import MANIFEST_FILE, WEIGHTS_FILE, ModelFormatError, UFlowDetector, negative_log_likelihood
 from uflow_batch.train import (
     TrainingDiverged,
@@ -92,6 +92,20 @@ def test_validation_scoring_in_batches_matches_scoring_the_images_whole(trained,
     scores, peak = validation_scores(detector, detector.features(images), batch_size=2)
     assert np.allclose(scores, whole.image_score.numpy(), rtol=1e-5)
     assert peak == pytest.approx(float(whole.anomaly.max()), rel=1e-5)
+
+
+def test_other_nfa_settings_apply_to_a_trained_model_without_retraining(trained, tiny_root):
+    out, _ = trained
+    detector = UFlowDetector.load(out)
+    image = data.resize_to_model(data.decode_image(next((tiny_root / "tile_exp1/test/crack").glob("*.png")).read_bytes()), (64, 64))
+    default = detector.score_maps(image[None])
+    detector.use_nfa(NFAConfig(windows=(3,)))
+    finer = detector.score_maps(image[None])
+    assert detector.config.nfa.windows == (3,)
+    assert torch.equal(default.anomaly, finer.anomaly), "the flow is untouched"
+    assert not torch.equal(default.neg_log10_nfa, finer.neg_log10_nfa)
+    with pytest.raises(ConfigError, match="nfa.windows has 5 entries"):
+        detector.use_nfa(NFAConfig(windows=(3, 3, 3, 3, 3)))
 
 
 def test_validation_images_are_held_out_of_training():

@@ -319,7 +319,10 @@ def _models_to_evaluate(model_dirs: tuple[str, ...], store_url: str | None) -> l
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
-def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out) -> None:
+@click.option("--nfa-windows", default=None,
+              help="Try other NFA block sides, finest scale first (default: the model's); the flow is not retrained.")
+@click.option("--nfa-p", default=None, type=float, help="Try another candidate quantile level (default: the model's).")
+def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out, nfa_windows, nfa_p) -> None:
     """Image/pixel AUROC, AUPRO and mask IoU (NFA, oracle, fair) on the test split."""
     from .evaluate import evaluate_detector
     from .model.detector import UFlowDetector
@@ -328,6 +331,10 @@ def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out
     rows = []
     for model_dir, store_category in _models_to_evaluate(model_dirs, store_url):
         detector = UFlowDetector.load(model_dir, device=resolve_device(device))
+        if nfa_windows or nfa_p is not None:
+            nfa = detector.config.nfa
+            detector.use_nfa(NFAConfig(p=nfa.p if nfa_p is None else nfa_p, windows=_ints(nfa_windows) or nfa.windows,
+                                       epsilon=nfa.epsilon))
         name = category or store_category or detector.manifest.get("category")
         if not name:
             raise click.UsageError(f"{model_dir} records no category; pass --category")

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import DetectorConfig, from_dict, to_dict
+from ..config import DetectorConfig, NFAConfig, from_dict, to_dict
 from .anomaly import ImageResult, anomaly_map, image_result
 from .backbones import FeatureExtractor, backbone_spec, build_extractor, state_dict_sha256
 from .flow import UFlow
@@ -67,6 +67,11 @@ class UFlowDetector(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.flow = UFlow(self.extractor.feature_shapes(config.backbone.input_size), config.flow)
         self.nfa = NFA([c for c, _, _ in self.flow.latent_shapes], config.nfa)
+
+    def use_nfa(self, config: NFAConfig) -> None:
+        """Test with other NFA settings: they act only on the latents, so no retraining is needed."""
+        self.nfa = NFA([c for c, _, _ in self.flow.latent_shapes], config).to(self.device)
+        self.config = replace(self.config, nfa=config)
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from scipy import special, stats
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import NFAConfig
+from ..config import NFAConfig, require
 
 
 def candidate_threshold(p: float) -> float:
@@ -85,8 +85,8 @@ class NFA(nn.Module):
 
     def __init__(self, latent_channels: Sequence[int], config: NFAConfig) -> None:
         super().__init__()
-        if len(config.windows) > len(latent_channels):
-            raise ValueError(f"nfa.windows has {len(config.windows)} entries but the flow has {len(latent_channels)} scales")
+        require(len(config.windows) <= len(latent_channels),
+                f"nfa.windows has {len(config.windows)} entries but the flow has {len(latent_channels)} scales")
         self.config = config
         self.threshold = candidate_threshold(config.p)
         self.windows = tuple(config.windows)
