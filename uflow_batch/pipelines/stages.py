@@ -31,12 +31,18 @@ from .schema import DECODED_SCHEMA, ROUTED_SCHEMA
 
 log = logging.getLogger(__name__)
 
+
 def results_table(records: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(records, schema=ROUTED_SCHEMA)
 
 
 def _with_routing(row: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
     return {**row, "run_date": item["run_date"], "pkey": item["pkey"]}
+
+
+def _error_row(item: dict[str, Any], code: str, message: str) -> dict[str, Any]:
+    """The output row of an image that could not be scored, routed like its input."""
+    return _with_routing(rows.error_row(item, code, message, item["width"], item["height"]), item)
 
 
 def fetch_and_decode(batch: pa.Table, input_sizes: dict[str, tuple[int, int]], unusable: dict[str, str] | None = None) -> pa.Table:
@@ -48,40 +54,32 @@ def fetch_and_decode(batch: pa.Table, input_sizes: dict[str, tuple[int, int]], u
     fails the task, so that a retry or a corrected re-run scores it instead of
     committing an error for good.
     """
-    unusable = unusable or {}
-    out = []
-    for item in batch.to_pylist():
-        decoded = {**item, "width": None, "height": None, "pixels": None, "error": None, "error_message": None}
-        category = item["category"]
-        if category in unusable:
-            decoded.update(error="inference_error", error_message=unusable[category])
-            out.append(decoded)
-            continue
-        if item["model_version"] is None or category not in input_sizes:
-            decoded.update(error="no_model", error_message=f"no trained model for category {category!r}")
-            out.append(decoded)
-            continue
-        try:
-            raw = storage.read_bytes(item["image_uri"])
-        except (FileNotFoundError, IsADirectoryError) as exc:
-            decoded.update(error="read_error", error_message=f"{type(exc).__name__}: {exc}")
-            out.append(decoded)
-            continue
-        except Exception as exc:  # noqa: BLE001 - fail the task so Ray retries it
-            raise TransientStorageError(f"read {item['image_uri']}", exc) from exc
-        if decoded["object_size"] is None:
-            decoded["object_size"] = len(raw)
-        try:
-            image = data.decode_image(raw)
-            pixels = data.resize_to_model(image, input_sizes[category]).numpy().tobytes()
-        except Exception as exc:  # noqa: BLE001 - whatever these bytes do to a decoder, it is this image's row
-            message = str(exc) if isinstance(exc, data.ImageDecodeError) else f"{type(exc).__name__}: {exc}"
-            decoded.update(error="decode_error", error_message=message)
-            out.append(decoded)
-            continue
-        decoded.update(height=image.shape[0], width=image.shape[1], pixels=pixels)
-        out.append(decoded)
+    out = [_fetch_one(item, input_sizes, unusable or {}) for item in batch.to_pylist()]
     return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+
+
+def _fetch_one(item: dict[str, Any], input_sizes: dict[str, tuple[int, int]], unusable: dict[str, str]) -> dict[str, Any]:
+    decoded = {**item, "width": None, "height": None, "pixels": None, "error": None, "error_message": None}
+    category = item["category"]
+    if category in unusable:
+        return {**decoded, "error": "inference_error", "error_message": unusable[category]}
+    if item["model_version"] is None or category not in input_sizes:
+        return {**decoded, "error": "no_model", "error_message": f"no trained model for category {category!r}"}
+    try:
+        raw = storage.read_bytes(item["image_uri"])
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        return {**decoded, "error": "read_error", "error_message": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:  # noqa: BLE001 - fail the task so Ray retries it
+        raise TransientStorageError(f"read {item['image_uri']}", exc) from exc
+    if decoded["object_size"] is None:
+        decoded["object_size"] = len(raw)
+    try:
+        image = data.decode_image(raw)
+        pixels = data.resize_to_model(image, input_sizes[category]).numpy().tobytes()
+    except Exception as exc:  # noqa: BLE001 - whatever these bytes do to a decoder, it is this image's row
+        message = str(exc) if isinstance(exc, data.ImageDecodeError) else f"{type(exc).__name__}: {exc}"
+        return {**decoded, "error": "decode_error", "error_message": message}
+    return {**decoded, "height": image.shape[0], "width": image.shape[1], "pixels": pixels}
 
 
 class CategoryScorer:
@@ -121,7 +119,7 @@ class CategoryScorer:
         groups: dict[tuple[str, str], list[int]] = {}
         for index, item in enumerate(items):
             if item["error"]:
-                out[index] = _with_routing(rows.error_row(item, item["error"], item["error_message"], item["width"], item["height"]), item)
+                out[index] = _error_row(item, item["error"], item["error_message"])
             else:
                 groups.setdefault((item["category"], item["model_version"]), []).append(index)
         for (category, version), indices in groups.items():
@@ -134,7 +132,7 @@ class CategoryScorer:
             detector = self.detector(category, version)
         except (ModelFormatError, ConfigError, BackboneWeightsError) as exc:  # an unusable model: every image says so
             message = f"model {category}/{version} cannot be used: {type(exc).__name__}: {exc}"
-            return [_with_routing(rows.error_row(i, "inference_error", message, i["width"], i["height"]), i) for i in items]
+            return [_error_row(i, "inference_error", message) for i in items]
         except Exception as exc:  # noqa: BLE001 - fetching it failed: retry the task rather than commit errors
             raise TransientStorageError(f"load model {category}/{version}", exc) from exc
         try:
@@ -146,7 +144,7 @@ class CategoryScorer:
             try:
                 scored += self._infer(detector, [item])
             except Exception as exc:  # noqa: BLE001
-                scored.append(_with_routing(rows.error_row(item, "inference_error", f"{type(exc).__name__}: {exc}", item["width"], item["height"]), item))
+                scored.append(_error_row(item, "inference_error", f"{type(exc).__name__}: {exc}"))
         return scored
 
     def _infer(self, detector: UFlowDetector, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
