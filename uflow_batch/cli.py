@@ -207,8 +207,9 @@ def scoring_options(command):
 
 
 def _print_preview(counts: dict) -> None:
-    rows = [{"category": c, "to_score": n["to_score"], "done": n["done"], "no_model": n["no_model"]} for c, n in sorted(counts.items())]
-    click.echo(format_table(rows, [("to_score", "to score"), ("done", "already scored"), ("no_model", "no model")]))
+    columns = [("to_score", "to score"), ("done", "already scored"), ("no_model", "no model"), ("deferred", "arrived late")]
+    rows = [{"category": c, **{key: n[key] for key, _ in columns}} for c, n in sorted(counts.items())]
+    click.echo(format_table(rows, columns))
 
 
 def _print_score_summary(summary) -> None:
@@ -328,13 +329,12 @@ def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out
     from .model.detector import UFlowDetector
     from .train import resolve_device
 
+    nfa_overrides = {key: value for key, value in {"p": nfa_p, "windows": _ints(nfa_windows)}.items() if value is not None}
     rows = []
     for model_dir, store_category in _models_to_evaluate(model_dirs, store_url):
         detector = UFlowDetector.load(model_dir, device=resolve_device(device))
-        if nfa_windows or nfa_p is not None:
-            nfa = detector.config.nfa
-            detector.use_nfa(NFAConfig(p=nfa.p if nfa_p is None else nfa_p, windows=_ints(nfa_windows) or nfa.windows,
-                                       epsilon=nfa.epsilon))
+        if nfa_overrides:
+            detector.use_nfa(dataclasses.replace(detector.config.nfa, **nfa_overrides))
         name = category or store_category or detector.manifest.get("category")
         if not name:
             raise click.UsageError(f"{model_dir} records no category; pass --category")
