@@ -65,7 +65,7 @@ from uflow_batch import storage  # noqa: E402
 from uflow_batch.config import BackboneConfig, DetectorConfig, ScoreRequest, ScoringResources, TrainConfig  # noqa: E402
 from uflow_batch.pipelines import commit  # noqa: E402
 from uflow_batch.pipelines.cluster import ray_session  # noqa: E402
-from uflow_batch.pipelines.listing import ListingContext, iter_unit, plan_units, read_unit  # noqa: E402
+from uflow_batch.pipelines.listing import ListingContext, iter_unit, plan_request_units, plan_units, read_unit  # noqa: E402
 from uflow_batch.pipelines.score import categories_in, resolve_models, run_scoring  # noqa: E402
 from uflow_batch.pipelines.stages import CategoryScorer, fetch_and_decode  # noqa: E402
 from uflow_batch.storage import ModelStore  # noqa: E402
@@ -236,8 +236,7 @@ def score_in_process(request: ScoreRequest, device: str) -> int:
     batch stages at the same batch size, and ``PartSink`` (a write once
     ``rows_per_file`` rows are pending).
     """
-    units = plan_units(list(request.inputs), request.category_from, request.manifest, request.category_filter,
-                       request.category_pattern)
+    units = plan_request_units(request)
     models = resolve_models(request.models, categories_in(units, request.models))
     resources = request.resources
     run_id = commit.new_run_id()

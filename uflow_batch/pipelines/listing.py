@@ -29,7 +29,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from .. import storage
 from ..storage import TransientStorageError
-from ..config import ConfigError, check_category_pattern, is_category_name, require
+from ..config import ConfigError, ScoreRequest, check_category_pattern, is_category_name, require
 from ..data import is_image_name
 from .commit import committed, unit_key
 from .schema import LISTING_SCHEMA
@@ -46,6 +46,17 @@ class ListingUnit:
     kind: str  # "prefix", "files" (objects directly under an input root) or "manifest"
     root: str = ""  # the input root the location lies under
     pattern: str | None = None  # regex with a group named "category", searched in the path under root
+
+    @property
+    def partitions(self) -> list[str] | None:
+        """The category partitions its results can land in; None when any (categories come per object)."""
+        return None if self.category is None else [self.category]
+
+
+def plan_request_units(request: ScoreRequest) -> list[ListingUnit]:
+    """The listing units of one scoring run."""
+    return plan_units(list(request.inputs), request.category_from, request.manifest, request.category_filter,
+                      request.category_pattern)
 
 
 def plan_units(inputs: list[str], category_from: str = "path", manifest: str | None = None,
@@ -232,9 +243,8 @@ def read_unit(unit: ListingUnit, context: ListingContext) -> Iterator[pa.Table]:
     The parts this run writes meanwhile are ignored (see :mod:`.commit`), so a
     replayed task lists exactly what it listed the first time.
     """
-    scope = None if unit.category is None else [unit.category]
     try:
-        done = committed(context.output, context.run_date, unit.key, scope, exclude_run=context.run_id)
+        done = committed(context.output, context.run_date, unit.key, unit.partitions, exclude_run=context.run_id)
     except Exception as exc:  # noqa: BLE001 - cannot tell what is done: retry rather than duplicate
         raise TransientStorageError(f"read committed parts of {unit.location}", exc) from exc
     block, skipped, deferred = [], 0, []

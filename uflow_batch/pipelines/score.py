@@ -35,7 +35,7 @@ from ..storage import TransientStorageError
 from . import commit
 from .cluster import gpus_per_worker
 from .commit import PartSink
-from .listing import ListingContext, ListingDatasource, iter_unit, plan_units
+from .listing import ListingContext, ListingDatasource, iter_unit, plan_request_units
 from .stages import CategoryScorer, fetch_and_decode
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,11 @@ def preview(request: ScoreRequest) -> dict[str, Counter]:
     """
     started_at = datetime.now(timezone.utc)
     categories = request.category_filter
-    units = plan_units(list(request.inputs), request.category_from, request.manifest, categories, request.category_pattern)
+    units = plan_request_units(request)
     versions = resolve_models(request.models, categories_in(units, request.models)).versions
     counts: dict[str, Counter] = {}
     for unit in units:
-        done = commit.committed(request.output, request.run_date, unit.key, None if unit.category is None else [unit.category])
+        done = commit.committed(request.output, request.run_date, unit.key, unit.partitions)
         deferred: list[str] = []
         for row in iter_unit(unit, started_at, categories, on_deferred=deferred.append):
             version = versions.get(row["category"])
@@ -121,8 +121,7 @@ def configure_retries(attempts: int) -> None:
 def run_scoring(request: ScoreRequest) -> ScoreSummary:
     """Score everything under the request's inputs that this model version has not scored yet."""
     started_at = datetime.now(timezone.utc)
-    units = plan_units(list(request.inputs), request.category_from, request.manifest, request.category_filter,
-                       request.category_pattern)
+    units = plan_request_units(request)
     summary = ScoreSummary(units=len(units))
     if not units:
         log.warning("nothing to score under %s", ", ".join(request.inputs) or request.manifest)
