@@ -38,7 +38,7 @@ def test_regions_are_8_connected_with_boxes_areas_and_peaks():
 def test_image_result_is_at_the_original_resolution():
     neg_log10_nfa = torch.zeros(32, 32, dtype=torch.float64)
     neg_log10_nfa[8:16, 8:16] = 4.0  # NFA = 1e-4 < epsilon = 1
-    result = image_result(0.7, neg_log10_nfa, (64, 128), epsilon=1.0)
+    result = image_result(0.7, neg_log10_nfa, 4.0, (64, 128), epsilon=1.0, false_alarm_rate=0.01)
     assert result.mask.shape == (64, 128)
     assert result.is_anomalous and len(result.regions) == 1
     region = result.regions[0]
@@ -48,9 +48,30 @@ def test_image_result_is_at_the_original_resolution():
     assert result.max_neg_log10_nfa == pytest.approx(4.0)
 
 
-def test_epsilon_sets_the_detection_threshold():
+def test_the_false_alarm_rate_decides_the_verdict_from_the_images_significance():
     neg_log10_nfa = torch.full((8, 8), 1.5, dtype=torch.float64)
-    assert image_result(0.1, neg_log10_nfa, (8, 8), epsilon=1.0).is_anomalous
-    assert not image_result(0.1, neg_log10_nfa, (8, 8), epsilon=0.01).is_anomalous
-    clean = image_result(0.1, torch.full((8, 8), -2.0, dtype=torch.float64), (8, 8), epsilon=1.0)
-    assert clean.regions == [] and clean.defect_area_px == 0
+    flagged = image_result(0.1, neg_log10_nfa, 2.5, (8, 8), epsilon=1.0, false_alarm_rate=0.01)  # NFA 10^-2.5 < 0.01
+    assert flagged.is_anomalous and flagged.false_alarm_rate == 0.01
+    assert not image_result(0.1, neg_log10_nfa, 2.5, (8, 8), epsilon=1.0, false_alarm_rate=0.001).is_anomalous
+
+
+def test_epsilon_sets_the_mask_threshold_of_a_flagged_image():
+    neg_log10_nfa = torch.zeros(8, 8, dtype=torch.float64)
+    neg_log10_nfa[1:3, 1:3], neg_log10_nfa[5:7, 5:7] = 3.0, 0.5
+    loose = image_result(0.1, neg_log10_nfa, 3.0, (8, 8), epsilon=1.0, false_alarm_rate=0.01)
+    strict = image_result(0.1, neg_log10_nfa, 3.0, (8, 8), epsilon=0.01, false_alarm_rate=0.01)
+    assert len(loose.regions) == 2 and len(strict.regions) == 1
+    assert strict.mask[1:3, 1:3].all() and not strict.mask[5:7, 5:7].any()
+
+
+def test_an_image_that_is_not_flagged_has_an_empty_mask():
+    neg_log10_nfa = torch.full((8, 8), 1.5, dtype=torch.float64)  # below epsilon = 1 everywhere
+    clean = image_result(0.1, neg_log10_nfa, 1.5, (8, 8), epsilon=1.0, false_alarm_rate=0.01)  # but NFA 0.03 > 0.01
+    assert not clean.is_anomalous and clean.regions == [] and clean.defect_area_px == 0
+
+
+def test_a_flagged_image_always_shows_where_even_when_interpolation_shaves_its_peak():
+    neg_log10_nfa = torch.zeros(4, 4, dtype=torch.float64)
+    neg_log10_nfa[2, 1] = 1.2
+    result = image_result(0.1, neg_log10_nfa, 2.5, (16, 16), epsilon=0.01, false_alarm_rate=0.01)
+    assert result.is_anomalous and result.defect_area_px == 1 and len(result.regions) == 1

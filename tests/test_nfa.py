@@ -1,4 +1,4 @@
-"""The a-contrario test: exact binomial tails, vectorized, and calibrated."""
+"""The paper's block test: exact binomial tails, vectorized, and calibrated on noise."""
 
 import math
 
@@ -9,7 +9,7 @@ from scipy import special, stats
 from torch.nn import functional as F
 
 from uflow_batch.config import NFAConfig
-from uflow_batch.model.nfa import NFA, candidate_threshold, log10_binomial_tail, log10_tail_table
+from uflow_batch.model.nfa import BlockNFA, candidate_threshold, log10_binomial_tail, log10_tail_table
 
 
 def test_candidate_threshold_is_the_chi_square_quantile():
@@ -73,7 +73,7 @@ def test_vectorized_nfa_matches_the_scipy_reference_per_pixel():
     rng = np.random.default_rng(1)
     shapes = [(7, 16, 16), (12, 8, 8), (20, 4, 4)]
     config = NFAConfig(p=0.9, windows=(5, 3))
-    nfa = NFA([c for c, _, _ in shapes], config)
+    nfa = BlockNFA(shapes, config)
     latents = random_latents(rng, shapes)
 
     per_scale = nfa.log10_probabilities(latents)
@@ -82,7 +82,7 @@ def test_vectorized_nfa_matches_the_scipy_reference_per_pixel():
             expected = reference_log10_p(latents[scale][b].numpy(), window, config.p)
             np.testing.assert_allclose(per_scale[scale][b].numpy(), expected, rtol=1e-6, atol=1e-12)
 
-    combined = nfa(latents).numpy()
+    combined = nfa(latents).log10_nfa.numpy()
     n_tests = 16 * 16 + 8 * 8
     for b in range(2):
         fine = reference_log10_p(latents[0][b].numpy(), 5, 0.9)
@@ -93,7 +93,7 @@ def test_vectorized_nfa_matches_the_scipy_reference_per_pixel():
 
 def test_the_test_is_exact_at_its_attainable_levels():
     """Single scale, one channel: P(log10 P <= table[k]) must equal P(X >= k)."""
-    nfa = NFA([1], NFAConfig(windows=(3,)))
+    nfa = BlockNFA([(1, 24, 24)], NFAConfig(windows=(3,)))
     z = torch.randn(400, 1, 24, 24, generator=torch.Generator().manual_seed(3))
     inner = nfa.log10_probabilities([z])[0][:, 1:-1, 1:-1].flatten().numpy()  # full blocks only
     table = log10_tail_table(3, 1, 0.9)
@@ -106,18 +106,18 @@ def test_the_test_is_exact_at_its_attainable_levels():
 def test_pure_noise_gives_at_most_epsilon_false_detections_per_image():
     shapes = [(59, 32, 32), (76, 16, 16), (160, 8, 8)]
     for epsilon in (1.0, 100.0):
-        nfa = NFA([c for c, _, _ in shapes], NFAConfig(epsilon=epsilon))
+        nfa = BlockNFA(shapes, NFAConfig(epsilon=epsilon))
         generator = torch.Generator().manual_seed(4)
         detections, images = 0, 0
         for _ in range(10):
             latents = [torch.randn(20, *s, generator=generator) for s in shapes]
-            detections += int((nfa(latents) < math.log10(epsilon)).sum())
+            detections += int((nfa(latents).log10_nfa < math.log10(epsilon)).sum())
             images += 20
         assert detections / images <= epsilon
 
 
 def test_counts_are_exact_integers_with_zero_padding_at_borders():
-    nfa = NFA([2], NFAConfig(windows=(3,)))
+    nfa = BlockNFA([(2, 4, 4)], NFAConfig(windows=(3,)))
     z = torch.zeros(1, 2, 4, 4)
     z[0, :, 0, 0] = 10.0  # both channels are candidates at the corner
     counts = nfa.candidate_counts(z, 3)[0]
@@ -127,4 +127,10 @@ def test_counts_are_exact_integers_with_zero_padding_at_borders():
 
 def test_more_windows_than_scales_is_rejected():
     with pytest.raises(ValueError, match="windows"):
-        NFA([8], NFAConfig(windows=(5, 3)))
+        BlockNFA([(8, 4, 4)], NFAConfig(windows=(5, 3)))
+
+
+def test_the_image_significance_is_the_smallest_nfa_of_the_map():
+    shapes = [(7, 16, 16), (12, 8, 8)]
+    maps = BlockNFA(shapes, NFAConfig(windows=(5, 3)))(random_latents(np.random.default_rng(2), shapes))
+    assert torch.equal(maps.min_log10_nfa, maps.log10_nfa.flatten(1).amin(dim=1))

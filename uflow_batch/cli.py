@@ -22,6 +22,7 @@ from .config import (
     ConfigError,
     DetectorConfig,
     FlowConfig,
+    NFA_TESTS,
     NFAConfig,
     ScoreRequest,
     ScoringResources,
@@ -60,11 +61,21 @@ def detector_options(command):
                      help="Local weights file (or directory, for mcait) for backbones whose weights are not packaged."),
         click.option("--layers", default=None, help="Backbone stages to use, e.g. 1,2,3 (default: the backbone's own)."),
         click.option("--steps-per-stage", default=_default(FlowConfig, "steps_per_stage"), show_default=True, help="Glow-style flow steps per scale."),
+        click.option("--nfa-test", type=click.Choice(list(NFA_TESTS)), default=_default(NFAConfig, "test"), show_default=True,
+                     help="The a-contrario test: scan (every scale and window, background fitted on held-out normals) "
+                          "or block (the paper's)."),
+        click.option("--scan-windows", default=_default(NFAConfig, "scan_windows"), show_default=True,
+                     help="Scan test: block sides tested on every latent scale (must include 1)."),
         click.option("--nfa-windows", default=_default(NFAConfig, "windows"), show_default=True,
-                     help="NFA block side per scale, finest first; the number of entries is the number of scales tested."),
-        click.option("--nfa-p", default=_default(NFAConfig, "p"), show_default=True, help="Chi-square(1) quantile level defining candidates."),
+                     help="Block test: block side per scale, finest first; the number of entries is the number of scales tested."),
+        click.option("--nfa-p", default=_default(NFAConfig, "p"), show_default=True,
+                     help="Block test: chi-square(1) quantile level of z^2 defining candidates."),
+        click.option("--mask-p", default=_default(NFAConfig, "mask_p"), show_default=True,
+                     help="Scan test: a cell is painted into a mask only if its own tail probability is below 1 - mask_p."),
         click.option("--epsilon", default=_default(NFAConfig, "epsilon"), show_default=True,
-                     help="NFA threshold: expected false detections per image tolerated."),
+                     help="Mask threshold: pixels of a flagged image with NFA below it."),
+        click.option("--false-alarm-rate", default=_default(NFAConfig, "false_alarm_rate"), show_default=True,
+                     help="Image verdict: the share of good images that may be flagged (an image is anomalous when its NFA is below it)."),
         click.option("--image-score", type=click.Choice(["anomaly_max", "nfa_max"]), default=_default(DetectorConfig, "image_score"),
                      show_default=True, help="Image score: max of the anomaly map, or max -log10 NFA."),
     ]
@@ -89,11 +100,13 @@ def training_options(command):
     return command
 
 
-def build_detector_config(backbone, input_size, backbone_weights, layers, steps_per_stage, nfa_windows, nfa_p, epsilon, image_score) -> DetectorConfig:
+def build_detector_config(backbone, input_size, backbone_weights, layers, steps_per_stage, nfa_test, scan_windows, nfa_windows,
+                          nfa_p, mask_p, epsilon, false_alarm_rate, image_score) -> DetectorConfig:
     return DetectorConfig(
         backbone=BackboneConfig(name=backbone, input_size=_ints(input_size), weights=backbone_weights, layers=_ints(layers)),
         flow=FlowConfig(steps_per_stage=steps_per_stage),
-        nfa=NFAConfig(p=nfa_p, windows=_ints(nfa_windows), epsilon=epsilon),
+        nfa=NFAConfig(test=nfa_test, p=nfa_p, windows=_ints(nfa_windows), scan_windows=_ints(scan_windows), mask_p=mask_p, epsilon=epsilon,
+                      false_alarm_rate=false_alarm_rate),
         image_score=image_score,
     )
 
@@ -148,7 +161,8 @@ def train(data, category, out, **options) -> None:
 
 
 def _split_configs(options: dict) -> tuple[DetectorConfig, TrainConfig]:
-    detector_keys = ("backbone", "input_size", "backbone_weights", "layers", "steps_per_stage", "nfa_windows", "nfa_p", "epsilon", "image_score")
+    detector_keys = ("backbone", "input_size", "backbone_weights", "layers", "steps_per_stage", "nfa_test", "scan_windows",
+                     "nfa_windows", "nfa_p", "mask_p", "epsilon", "false_alarm_rate", "image_score")
     detector_config = build_detector_config(**{k: options.pop(k) for k in detector_keys})
     return detector_config, TrainConfig(**options)
 
@@ -247,16 +261,18 @@ def _run_scoring(request, address: str | None, dry_run: bool):
               help="Regex with a group named 'category', searched in each object's path under its input root "
                    "(default: the first folder, i.e. '^(?P<category>[^/]+)/').")
 @click.option("--manifest", default=None, help="CSV/JSONL manifest (uri,category) instead of categories from paths.")
-@click.option("--epsilon", default=None, type=float, help="Override the models' NFA threshold epsilon.")
+@click.option("--epsilon", default=None, type=float, help="Override the models' mask threshold epsilon.")
+@click.option("--false-alarm-rate", default=None, type=float,
+              help="Override the models' image verdict: the share of good images that may be flagged, e.g. 0.01.")
 @scoring_options
-def score(inputs, models, output, run_date, categories, category_pattern, manifest, epsilon, batch_size, actors, gpus_per_actor,
-          cpus_per_actor, decode_cpus, rows_per_file, address, dry_run) -> None:
+def score(inputs, models, output, run_date, categories, category_pattern, manifest, epsilon, false_alarm_rate, batch_size, actors,
+          gpus_per_actor, cpus_per_actor, decode_cpus, rows_per_file, address, dry_run) -> None:
     """Score image archives into Parquet (streaming, resumable, one row per image)."""
     request = ScoreRequest(
         inputs=inputs, models=models, output=output, run_date=run_date or datetime.now(timezone.utc).date().isoformat(),
         categories=tuple(c for c in categories.split(",") if c) if categories else None,
         category_from="manifest" if manifest else "path", category_pattern=category_pattern, manifest=manifest,
-        epsilon=epsilon, rows_per_file=rows_per_file,
+        epsilon=epsilon, false_alarm_rate=false_alarm_rate, rows_per_file=rows_per_file,
         resources=ScoringResources(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                                    cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus),
     )
@@ -282,7 +298,9 @@ def run_job(spec, run_date, dry_run) -> None:
 
 EVALUATION_COLUMNS = [
     ("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"),
-    ("iou_nfa", "IoU NFA"), ("iou_oracle", "IoU oracle"), ("iou_fair", "IoU fair"),
+    ("false_alarms_good", "false alarms"), ("recall", "recall"), ("oracle_recall", "oracle recall"),
+    ("iou_nfa", "IoU NFA"), ("iou_fair", "IoU fair"), ("iou_oracle", "IoU oracle"),
+    ("mean_iou_nfa", "mIoU NFA"), ("mean_iou_fair", "mIoU fair"), ("mean_iou_oracle", "mIoU oracle"),
     ("image_auroc_nfa", "img AUROC (NFA)"), ("ms_per_image", "ms/img"),
 ]
 
@@ -320,16 +338,30 @@ def _models_to_evaluate(model_dirs: tuple[str, ...], store_url: str | None) -> l
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
+@click.option("--figure-out", default=None, type=click.Path(dir_okay=False),
+              help="Write the calibration curves (false detections per good image against epsilon) as a PNG here.")
+@click.option("--nfa-test", type=click.Choice(list(NFA_TESTS)), default=None,
+              help="Try the other a-contrario test on the same model (the block test needs no calibration; "
+                   "the scan test is calibrated by training or by `uflow-batch calibrate`).")
 @click.option("--nfa-windows", default=None,
-              help="Try other NFA block sides, finest scale first (default: the model's); the flow is not retrained.")
-@click.option("--nfa-p", default=None, type=float, help="Try another candidate quantile level (default: the model's).")
-def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out, nfa_windows, nfa_p) -> None:
-    """Image/pixel AUROC, AUPRO and mask IoU (NFA, oracle, fair) on the test split."""
+              help="Try other block-test sides, finest scale first (default: the model's); the flow is not retrained.")
+@click.option("--nfa-p", default=None, type=float, help="Try another block-test candidate level (default: the model's).")
+@click.option("--mask-p", default=None, type=float, help="Try another scan-test mask level (default: the model's).")
+@click.option("--false-alarm-rate", default=None, type=float, help="Try another image verdict level (default: the model's).")
+@click.option("--epsilon", default=None, type=float, help="Try another mask threshold (default: the model's).")
+def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out, figure_out, nfa_test, nfa_windows, nfa_p,
+             mask_p, false_alarm_rate, epsilon) -> None:
+    """Ranking (AUROC, AUPRO), verdict (false alarms, recall) and masks (IoU) on the test split."""
     from .evaluate import evaluate_detector
     from .model.detector import UFlowDetector
     from .train import resolve_device
 
-    nfa_overrides = {key: value for key, value in {"p": nfa_p, "windows": _ints(nfa_windows)}.items() if value is not None}
+    nfa_overrides = {
+        key: value
+        for key, value in {"test": nfa_test, "p": nfa_p, "mask_p": mask_p, "windows": _ints(nfa_windows),
+                           "false_alarm_rate": false_alarm_rate, "epsilon": epsilon}.items()
+        if value is not None
+    }
     rows = []
     for model_dir, store_category in _models_to_evaluate(model_dirs, store_url):
         detector = UFlowDetector.load(model_dir, device=resolve_device(device))
@@ -348,6 +380,35 @@ def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out
     click.echo(format_table(rows, EVALUATION_COLUMNS))
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=2))
+    if figure_out:
+        from .figures import calibration_figure
+
+        calibration_figure([r for r in rows if r.get("calibration_curve")], figure_out)
+
+
+@main.command()
+@click.option("--model", "model_dirs", required=True, multiple=True, help="Local model directory (repeatable).")
+@click.option("--data", required=True, help="The dataset root the models were trained on (its train/good is re-read).")
+@click.option("--nfa-test", type=click.Choice(list(NFA_TESTS)), default=None, help="Switch the model to this test (default: keep its own).")
+@click.option("--device", default="auto", show_default=True)
+def calibrate(model_dirs, data, nfa_test, device) -> None:
+    """Fit a trained model's verdict again on its held-out normal images, without retraining.
+
+    Models saved before the scan test existed keep the paper's block test
+    until they are calibrated with --nfa-test scan.
+    """
+    from .model.detector import read_manifest
+    from .train import recalibrate
+
+    for model_dir in model_dirs:
+        nfa = None
+        if nfa_test:
+            nfa = NFAConfig(**{**read_manifest(model_dir)["config"]["nfa"], "test": nfa_test})
+        calibration = recalibrate(model_dir, data, nfa=nfa, device=device)
+        alarms = calibration.false_alarms
+        curve = ", ".join(f"{d:.2g} at {e:g}" for e, d in zip(alarms.epsilons, alarms.detections_per_image))
+        click.echo(f"{model_dir}: calibrated on {calibration.n_images} held-out normal images; "
+                   f"false detections per image: {curve}")
 
 
 @main.command()

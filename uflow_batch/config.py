@@ -123,6 +123,11 @@ def check_category_source(category_from: Any, pattern: str | None, manifest: str
         require(manifest is None, "manifest is only used with category_from: manifest; remove it or set category_from")
 
 
+def check_false_alarm_rate(rate: Any, name: str = "false_alarm_rate") -> None:
+    require(rate is None or (is_number(rate) and 0 < rate < 1),
+            f"{name} must be a fraction of good images in (0, 1), e.g. 0.01 (or null to keep each model's), got {rate!r}")
+
+
 def check_epsilon(epsilon: Any, name: str = "epsilon") -> None:
     require(epsilon is None or (is_number(epsilon) and epsilon > 0),
             f"{name} must be a number > 0 (or null to keep each model's), got {epsilon!r}")
@@ -177,27 +182,51 @@ class FlowConfig:
         )
 
 
+NFA_TESTS = ("scan", "block")
+
+
 @dataclass(frozen=True)
 class NFAConfig:
-    """A-contrario detection: candidate level, block sizes and the threshold.
+    """The a-contrario verdict: which test, its windows, and the two thresholds.
 
-    ``windows`` lists the block side per scale, finest scale first; only that
-    many (finest) scales take part in the test. ``epsilon`` is the expected
-    number of false detections per image tolerated under the normal model.
+    ``test`` is ``scan`` (chi-square evidence over every latent scale and the
+    ``scan_windows`` block sides, its background fitted on held-out normal
+    images) or ``block`` (the paper's test: candidates z^2 above the
+    chi-square(1) quantile at ``p`` counted in blocks of side ``windows``
+    per scale, finest first).
+    ``mask_p`` is the scan test's: in a flagged image, a cell is painted into
+    the mask only where a detection covers it and its own single-cell tail
+    probability is below 1 - ``mask_p`` (so a normal cell is painted by
+    chance once in a hundred, not once in ten).
+
+    ``false_alarm_rate`` decides the image verdict: an image is anomalous
+    when its smallest NFA is below it, so at most that fraction of normal
+    images is flagged. ``epsilon`` is the mask threshold: in a flagged image,
+    the pixels with NFA < epsilon.
     """
 
+    test: str = "scan"
     p: float = 0.9
     windows: tuple[int, ...] = (5, 3)
+    scan_windows: tuple[int, ...] = (1, 3, 5)
+    mask_p: float = 0.99
     epsilon: float = 1.0
+    false_alarm_rate: float = 0.01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "windows", tuple(int(w) for w in self.windows))
-        require(0.0 < self.p < 1.0, f"nfa.p must be in (0, 1), got {self.p}")
-        require(
-            len(self.windows) >= 1 and all(w >= 1 and w % 2 == 1 for w in self.windows),
-            f"nfa.windows must be odd block sizes, got {self.windows}",
-        )
+        object.__setattr__(self, "scan_windows", tuple(int(w) for w in self.scan_windows))
+        require(self.test in NFA_TESTS, f"nfa.test must be one of {list(NFA_TESTS)}, got {self.test!r}")
+        for name in ("p", "mask_p"):
+            require(0.0 < getattr(self, name) < 1.0, f"nfa.{name} must be in (0, 1), got {getattr(self, name)}")
+        for name in ("windows", "scan_windows"):
+            value = getattr(self, name)
+            require(len(value) >= 1 and all(w >= 1 and w % 2 == 1 for w in value),
+                    f"nfa.{name} must be odd block sizes, got {value}")
+        require(1 in self.scan_windows, f"nfa.scan_windows must include 1 so single cells can fire, got {self.scan_windows}")
         require(self.epsilon > 0, f"nfa.epsilon must be > 0, got {self.epsilon}")
+        require(self.false_alarm_rate is not None, "nfa.false_alarm_rate must be set")
+        check_false_alarm_rate(self.false_alarm_rate, "nfa.false_alarm_rate")
 
 
 IMAGE_SCORES = ("anomaly_max", "nfa_max")
@@ -309,6 +338,7 @@ class ScoreRequest:
     category_pattern: str | None = None
     manifest: str | None = None
     epsilon: float | None = None
+    false_alarm_rate: float | None = None
     resources: ScoringResources = field(default_factory=ScoringResources)
     listing_block_rows: int = 64
     rows_per_file: int = 256
@@ -327,6 +357,7 @@ class ScoreRequest:
             object.__setattr__(self, "categories", tuple(self.categories))
             check_categories(self.categories)
         check_epsilon(self.epsilon)
+        check_false_alarm_rate(self.false_alarm_rate)
         require(isinstance(self.resources, ScoringResources), f"resources must be ScoringResources, got {self.resources!r}")
         for name in ("listing_block_rows", "rows_per_file", "storage_retries"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name} must be an integer >= 1")

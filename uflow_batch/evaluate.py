@@ -4,15 +4,24 @@
 - pixel AUROC: anomaly map vs ground-truth masks, at original resolution;
 - AUPRO: area under the per-region-overlap curve up to a false positive
   rate of 0.3, normalized to [0, 1] (Bergmann et al.);
-- IoU of masks pooled over the whole test split (total intersection over
-  total union) for three thresholds: the automatic NFA mask, the oracle
-  anomaly-map threshold (best IoU, chosen on the test labels: an upper bound),
-  and the "fair" threshold chosen from held-out normal training images only.
+- IoU of masks for three thresholds: the automatic NFA mask, the oracle
+  anomaly-map threshold (best pooled IoU, chosen on the test labels: an upper
+  bound no deployment has), and the "fair" threshold chosen from held-out
+  normal training images only. Each pooled over the split (total
+  intersection over total union) and as the paper's per-image mean (an
+  image with neither a prediction nor a defect counts 1);
+- the verdict: the false-alarm rate on test/good and the recall on defective
+  images at the model's settings, beside the recall that the best
+  image-score threshold chosen *with* the test labels reaches at the same
+  false-alarm rate (the oracle);
+- the calibration curve: mean false detections per good test image and the
+  fraction of good images flagged, against the promised epsilon.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -23,8 +32,9 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from . import data, storage
-from .model.anomaly import resize_map
-from .model.detector import UFlowDetector
+from .model.anomaly import NFAMaps, resize_map
+from .model.calibration import REPORT_EPSILONS, false_alarms
+from .model.detector import ScoreMaps, UFlowDetector
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,20 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
 
 
+def mean_iou(preds: Iterable[np.ndarray], truths: Iterable[np.ndarray]) -> float:
+    """The paper's per-image mean IoU: an image with neither prediction nor defect counts 1."""
+    return float(np.mean([iou(p, t) for p, t in zip(preds, truths)]))
+
+
+def oracle_recall(scores: np.ndarray, labels: np.ndarray, false_alarm_rate: float) -> float:
+    """The best recall any threshold on ``scores`` reaches with at most this false-alarm rate (uses the labels)."""
+    good = np.sort(scores[~labels])[::-1]
+    allowed = int(math.floor(false_alarm_rate * len(good) + 1e-9))
+    # Flag what scores above the (allowed+1)-th highest good image.
+    threshold = good[allowed] if allowed < len(good) else -np.inf
+    return float(np.mean(scores[labels] > threshold))
+
+
 def best_iou_threshold(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """(threshold, IoU) maximizing pooled IoU of ``scores >= threshold`` (the oracle)."""
     truth = truth.ravel().astype(np.float64)
@@ -90,14 +114,23 @@ class EvaluationReport:
     image_auroc: float
     pixel_auroc: float
     aupro: float
+    nfa_test: str
+    false_alarm_rate: float
+    false_alarms_good: float
+    recall: float
+    oracle_recall: float
     iou_nfa: float
     iou_oracle: float
     oracle_threshold: float
     iou_fair: float
     fair_threshold: float
+    mean_iou_nfa: float
+    mean_iou_oracle: float
+    mean_iou_fair: float
     image_auroc_nfa: float
     ms_per_image: float
     per_defect_image_auroc: dict[str, float] = field(default_factory=dict)
+    calibration_curve: dict[str, list[float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,9 +141,11 @@ class _ScoredImage:
     item: data.TestImage
     image_score: float
     max_neg_log10_nfa: float
+    flagged: bool
     anomaly: np.ndarray
     nfa_mask: np.ndarray
     truth: np.ndarray
+    nfa_maps: NFAMaps  # the verdict's maps at input size, for counting false detections on good images
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -138,7 +173,7 @@ def score_test_split(
         if detector.device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - started
-        for item, result, amap, size in zip(batch, results, anomaly, sizes):
+        for index, (item, result, amap, size) in enumerate(zip(batch, results, anomaly, sizes)):
             truth = np.zeros(size, dtype=bool)
             if item.mask_url:
                 truth = data.decode_mask(storage.read_bytes(item.mask_url))
@@ -146,10 +181,15 @@ def score_test_split(
                     raise ValueError(f"mask {item.mask_url} is {truth.shape}, image is {size}")
             elif item.is_anomalous:
                 log.warning("%s has no ground-truth mask; its pixels count as normal", item.url)
-            scored.append(_ScoredImage(item, result.image_score, result.max_neg_log10_nfa, amap, result.mask, truth))
+            scored.append(_ScoredImage(item, result.image_score, result.max_neg_log10_nfa, result.is_anomalous, amap,
+                                       result.mask, truth, _image_maps(maps, index)))
             if on_image:
                 on_image(len(scored), len(items))
     return scored, seconds
+
+
+def _image_maps(maps: ScoreMaps, index: int) -> NFAMaps:
+    return NFAMaps(log10_nfa=-maps.neg_log10_nfa[index : index + 1].cpu(), min_log10_nfa=-maps.significance[index : index + 1].cpu())
 
 
 def evaluate_detector(
@@ -178,6 +218,14 @@ def evaluate_detector(
     fair_threshold = detector.manifest.get("fair_threshold")  # null when training had no validation maps
     fair_threshold = np.nan if fair_threshold is None else float(fair_threshold)
 
+    flagged = np.array([s.flagged for s in scored])
+    false_alarms_good = float(flagged[~labels].mean()) if (~labels).any() else float("nan")
+    good_maps = [s.nfa_maps for s in scored if not s.item.is_anomalous]
+    curve = false_alarms(good_maps, REPORT_EPSILONS) if good_maps else None
+    oracle_masks = [s.anomaly >= oracle_threshold for s in scored]
+    fair_masks = [s.anomaly >= fair_threshold for s in scored] if np.isfinite(fair_threshold) else None
+    truths = [s.truth for s in scored]
+
     per_defect = {}
     for defect in sorted({s.item.defect for s in scored} - {"good"}):
         keep = np.array([s.item.defect in ("good", defect) for s in scored])
@@ -190,12 +238,25 @@ def evaluate_detector(
         image_auroc=float(roc_auc_score(labels, image_scores)),
         pixel_auroc=float(roc_auc_score(truth, pixel_scores)),
         aupro=aupro(pixel_scores, np.concatenate(regions)),
+        nfa_test=detector.config.nfa.test,
+        false_alarm_rate=detector.config.nfa.false_alarm_rate,
+        false_alarms_good=false_alarms_good,
+        recall=float(flagged[labels].mean()),
+        oracle_recall=oracle_recall(image_scores, labels, false_alarms_good),
         iou_nfa=iou(nfa_masks, truth),
         iou_oracle=oracle_iou,
         oracle_threshold=oracle_threshold,
         iou_fair=iou(pixel_scores >= fair_threshold, truth) if np.isfinite(fair_threshold) else float("nan"),
         fair_threshold=fair_threshold,
+        mean_iou_nfa=mean_iou([s.nfa_mask for s in scored], truths),
+        mean_iou_oracle=mean_iou(oracle_masks, truths),
+        mean_iou_fair=mean_iou(fair_masks, truths) if fair_masks is not None else float("nan"),
         image_auroc_nfa=float(roc_auc_score(labels, nfa_scores)),
         ms_per_image=1000.0 * seconds / len(scored),
         per_defect_image_auroc=per_defect,
+        calibration_curve={} if curve is None else {
+            "epsilon": list(curve.epsilons),
+            "detections_per_good_image": list(curve.detections_per_image),
+            "good_images_flagged": list(curve.images_flagged),
+        },
     )

@@ -33,8 +33,10 @@ from uflow_batch.config import (
     check_categories,
     check_category_source,
     check_epsilon,
+    check_false_alarm_rate,
     from_dict,
     is_int,
+    is_number,
     require,
     to_dict,
     validate_run_date,
@@ -158,6 +160,7 @@ class JobSpec:
     category_pattern: str | None = None
     manifest: str | None = None
     nfa_epsilon: float | None = None
+    false_alarm_rate: float | None = None
     resources: ScoringResources = field(default_factory=ScoringResources)
     retention_days: int | None = 90
     lag_days: int = 0
@@ -185,14 +188,10 @@ class JobSpec:
         if self.manifest is not None:
             _check_url("manifest", self.manifest, placeholder_ok=True)
 
-        if isinstance(self.nfa_epsilon, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
-            try:
-                object.__setattr__(self, "nfa_epsilon", float(self.nfa_epsilon))
-            except ValueError:
-                pass
+        for name in ("nfa_epsilon", "false_alarm_rate"):
+            _number_from_yaml(self, name)
         check_epsilon(self.nfa_epsilon, "nfa_epsilon")
-        if self.nfa_epsilon is not None:
-            object.__setattr__(self, "nfa_epsilon", float(self.nfa_epsilon))
+        check_false_alarm_rate(self.false_alarm_rate)
 
         require(isinstance(self.resources, ScoringResources),
                  f"resources must be a mapping of {sorted(ScoringResources.__dataclass_fields__)}, got {self.resources!r}")
@@ -230,11 +229,24 @@ class JobSpec:
         return ScoreRequest(
             inputs=tuple(self.inputs_for(run_date)), models=self.models, output=self.output, run_date=run_date,
             categories=self.categories, category_from=self.category_from, category_pattern=self.category_pattern,
-            manifest=self.manifest_for(run_date), epsilon=self.nfa_epsilon, resources=self.resources,
+            manifest=self.manifest_for(run_date), epsilon=self.nfa_epsilon, false_alarm_rate=self.false_alarm_rate,
+            resources=self.resources,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def _number_from_yaml(spec: JobSpec, name: str) -> None:
+    """YAML 1.1 reads '1e-3' (no dot) as a string: take it as the number it says, and floats as floats."""
+    value = getattr(spec, name)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return  # left for the range check to name
+    if is_number(value):
+        object.__setattr__(spec, name, float(value))
 
 
 _REQUIRED = ("name", "schedule", "inputs", "models", "output")

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import data, storage
-from .config import DetectorConfig, TrainConfig, to_dict
+from .config import DetectorConfig, NFAConfig, TrainConfig, from_dict, to_dict
+from .model.calibration import Calibration
 from .model.detector import UFlowDetector, negative_log_likelihood
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,30 @@ def fit_flow(
     flow.load_state_dict(best_state)
 
 
+def recalibrate(model_dir: str | Path, data_root: str, nfa: NFAConfig | None = None, device: str = "auto") -> Calibration:
+    """Fit a trained model's verdict again on its own held-out normal images, without retraining.
+
+    The held-out split is rebuilt from the manifest (same images, same seed),
+    and the data must be the data the model was trained on (its fingerprint
+    is checked). ``nfa`` switches the test or its settings (e.g. a model of
+    an earlier version to the scan test).
+    """
+    detector = UFlowDetector.load(model_dir, device=resolve_device(device))
+    manifest = detector.manifest
+    train_config = from_dict(TrainConfig, manifest["train_config"])
+    urls = data.train_images(data_root, manifest["category"])
+    images, _, fingerprint = load_images(urls, detector.input_size, train_config.skip_corrupt)
+    if fingerprint != manifest["training"]["data_fingerprint"]:
+        raise TrainingError(f"{data_root}/{manifest['category']}/train/good is not the data {model_dir} was trained on")
+    _, val_idx = split_indices(len(images), train_config.val_fraction, train_config.seed)
+    if nfa is not None:
+        detector.use_nfa(nfa)
+    features = extract_features(detector, images[torch.as_tensor(val_idx)].to(detector.device), train_config.batch_size)
+    calibration = detector.calibrate(features, train_config.batch_size)
+    detector.save(model_dir, manifest)
+    return calibration
+
+
 def train_category(
     data_root: str,
     category: str,
@@ -229,11 +254,15 @@ def train_category(
     fit_flow(detector, _take(features, index(train_idx)), _take(features, index(val_idx)), train_config, report, on_epoch)
     report.fit_seconds = time.perf_counter() - started
 
-    val_scores, val_peak = validation_scores(detector, _take(features, index(val_idx)), train_config.batch_size)
+    val_features = _take(features, index(val_idx))
+    val_scores, val_peak = validation_scores(detector, val_features, train_config.batch_size)
     report.val_image_scores = val_scores
     # The "fair" threshold: the lowest anomaly-map level that raises no alarm on
     # held-out normal images. Like the NFA, it never looks at an anomalous image.
     report.fair_threshold = val_peak
+    calibration = detector.calibrate(val_features, train_config.batch_size)
+    log.info("%s: NFA calibrated on %d held-out images (correction x%.2f)",
+             category, calibration.n_images, 10.0**calibration.log10_factor)
 
     detector.save(out_dir, {
         "category": category,

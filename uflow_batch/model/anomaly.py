@@ -3,8 +3,11 @@
 The anomaly map (U-Flow, section 3.3) is one minus the mean over scales of
 each scale's likelihood proxy exp(-0.5 * mean_c z^2), upsampled to the input
 size: 0 where the flow finds the pixel perfectly typical, towards 1 where it
-does not. The defect mask comes from the NFA, not from the map, so it needs
-no threshold tuned on anomalous images.
+does not. The verdict and the defect mask come from the NFA, not from the
+map, so they need no threshold tuned on anomalous images: an image is
+anomalous when its smallest NFA over all tests is below the false-alarm rate
+(the expected number of false detections bounds the chance of flagging a
+normal image), and only then is a mask cut, at the mask threshold epsilon.
 
 Per-image results are computed at the image's *original* resolution, since
 areas and bounding boxes must be in the pixels the factory photographed.
@@ -20,6 +23,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch.nn import functional as F
+
+
+@dataclass
+class NFAMaps:
+    """What an a-contrario test gives for a batch."""
+
+    log10_nfa: torch.Tensor  # (B, H0, W0) on the finest latent grid, for cutting masks
+    min_log10_nfa: torch.Tensor  # (B,) the smallest NFA over every test of the image: its significance
 
 
 def anomaly_map(latents: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -62,7 +73,9 @@ class ImageResult:
     """The per-image contract the scoring pipeline writes, one row per image."""
 
     image_score: float
-    max_neg_log10_nfa: float
+    max_neg_log10_nfa: float  # the image's significance: -log10 of its smallest NFA over all tests
+    false_alarm_rate: float  # the verdict's level: anomalous when max_neg_log10_nfa > -log10(false_alarm_rate)
+    is_anomalous: bool
     mask: np.ndarray  # bool (height, width) at original resolution
     regions: list[Region] = field(default_factory=list)
 
@@ -81,10 +94,6 @@ class ImageResult:
     @property
     def defect_area_fraction(self) -> float:
         return self.defect_area_px / self.mask.size
-
-    @property
-    def is_anomalous(self) -> bool:
-        return bool(self.regions)
 
 
 # 8-connectivity: a diagonal crack is one defect, not a staircase of many.
@@ -109,18 +118,26 @@ def find_regions(mask: np.ndarray, neg_log10_nfa: np.ndarray) -> list[Region]:
 def image_result(
     image_score: float,
     neg_log10_nfa: torch.Tensor,
+    significance: float,
     original_size: tuple[int, int],
     epsilon: float,
+    false_alarm_rate: float,
 ) -> ImageResult:
-    """Mask and regions for one image from its -log10 NFA map at input size.
+    """Verdict, mask and regions for one image.
 
-    A pixel is a detection when NFA < epsilon, i.e. -log10 NFA > -log10 epsilon.
+    ``neg_log10_nfa`` is the mask map at input size and ``significance`` the
+    image's -log10 of its smallest NFA. The image is anomalous when its
+    smallest NFA is below ``false_alarm_rate``; its mask is then the pixels
+    with NFA < ``epsilon``. Interpolation to the original size can shave a
+    one-cell peak below the mask threshold: a flagged image then keeps its
+    peak pixel, so a verdict always shows where it comes from. An image that
+    is not flagged has an empty mask (and costs no resize).
     """
+    is_anomalous = significance > -math.log10(false_alarm_rate)
+    if not is_anomalous:
+        return ImageResult(float(image_score), float(significance), false_alarm_rate, False, np.zeros(original_size, dtype=bool))
     full = resize_map(neg_log10_nfa.float(), original_size).cpu().numpy()
     mask = full > -math.log10(epsilon)
-    return ImageResult(
-        image_score=float(image_score),
-        max_neg_log10_nfa=float(full.max()),
-        mask=mask,
-        regions=find_regions(mask, full),
-    )
+    if not mask.any():
+        mask[np.unravel_index(int(full.argmax()), full.shape)] = True
+    return ImageResult(float(image_score), float(significance), false_alarm_rate, True, mask, find_regions(mask, full))

@@ -23,8 +23,10 @@ from torch import nn
 from ..config import DetectorConfig, NFAConfig, from_dict, to_dict
 from .anomaly import ImageResult, anomaly_map, image_result
 from .backbones import FeatureExtractor, backbone_spec, build_extractor, state_dict_sha256
+from .calibration import Calibration
 from .flow import UFlow
-from .nfa import NFA
+from .nfa import BlockNFA
+from .scan_nfa import ScanNFA
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -40,8 +42,15 @@ class ScoreMaps:
     """Dense outputs for a batch at the model's input size."""
 
     anomaly: torch.Tensor  # (B, H, W) in [0, 1]
-    neg_log10_nfa: torch.Tensor  # (B, H, W)
+    neg_log10_nfa: torch.Tensor  # (B, H, W), the mask map
+    significance: torch.Tensor  # (B,) -log10 of each image's smallest NFA
     image_score: torch.Tensor  # (B,)
+
+
+def build_nfa(latent_shapes: list[tuple[int, int, int]], config: NFAConfig, calibration: Calibration | None = None) -> BlockNFA | ScanNFA:
+    """The a-contrario test the configuration names, with its background calibration if any."""
+    test = ScanNFA if config.test == "scan" else BlockNFA
+    return test(latent_shapes, config, calibration)
 
 
 def negative_log_likelihood(latents: list[torch.Tensor], log_jac_det: torch.Tensor) -> torch.Tensor:
@@ -66,12 +75,28 @@ class UFlowDetector(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.flow = UFlow(self.extractor.feature_shapes(config.backbone.input_size), config.flow)
-        self.nfa = NFA([c for c, _, _ in self.flow.latent_shapes], config.nfa)
+        self.nfa = build_nfa(self.flow.latent_shapes, config.nfa)
 
-    def use_nfa(self, config: NFAConfig) -> None:
-        """Test with other NFA settings: they act only on the latents, so no retraining is needed."""
-        self.nfa = NFA([c for c, _, _ in self.flow.latent_shapes], config).to(self.device)
+    def use_nfa(self, config: NFAConfig, calibration: Calibration | None = None) -> None:
+        """Test with other NFA settings: they act only on the latents, so no retraining is needed.
+
+        A test of another kind needs its own calibration (:meth:`calibrate`);
+        the current one is kept only while the kind is the same.
+        """
+        if calibration is None and config.test == self.config.nfa.test:
+            calibration = self.nfa.calibration
+        self.nfa = build_nfa(self.flow.latent_shapes, config, calibration).to(self.device)
         self.config = replace(self.config, nfa=config)
+
+    @torch.inference_mode()
+    def calibrate(self, features: list[torch.Tensor], batch_size: int) -> Calibration:
+        """Fit and measure the test's background on held-out *normal* features (never test images)."""
+        batches = [
+            self.latents([f[start : start + batch_size] for f in features])[0]
+            for start in range(0, len(features[0]), batch_size)
+        ]
+        calibration = self.nfa.calibrate(batches)
+        return calibration
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -102,29 +127,32 @@ class UFlowDetector(nn.Module):
         """The maps from backbone features already extracted (training caches them)."""
         latents, _ = self.latents(features)
         anomaly = anomaly_map(latents, self.input_size)
-        log10_nfa = self.nfa(latents)
+        nfa = self.nfa(latents)
         neg_log10_nfa = -torch.nn.functional.interpolate(
-            log10_nfa[:, None], size=self.input_size, mode="bilinear", align_corners=False
+            nfa.log10_nfa[:, None], size=self.input_size, mode="bilinear", align_corners=False
         )[:, 0]
-        if self.config.image_score == "nfa_max":
-            score = neg_log10_nfa.flatten(1).amax(dim=1).float()
-        else:
-            score = anomaly.flatten(1).amax(dim=1)
-        return ScoreMaps(anomaly=anomaly, neg_log10_nfa=neg_log10_nfa, image_score=score)
+        significance = -nfa.min_log10_nfa
+        score = significance.float() if self.config.image_score == "nfa_max" else anomaly.flatten(1).amax(dim=1)
+        return ScoreMaps(anomaly=anomaly, neg_log10_nfa=neg_log10_nfa, significance=significance, image_score=score)
 
-    def results(self, maps: ScoreMaps, original_sizes: list[tuple[int, int]], epsilon: float | None = None) -> list[ImageResult]:
-        """Per-image masks, areas and regions at each image's original (height, width).
+    def results(self, maps: ScoreMaps, original_sizes: list[tuple[int, int]], epsilon: float | None = None,
+                false_alarm_rate: float | None = None) -> list[ImageResult]:
+        """Per-image verdicts, masks, areas and regions at each image's original (height, width).
 
-        ``epsilon`` overrides the model's NFA threshold (e.g. a job's setting).
+        ``epsilon`` (mask threshold) and ``false_alarm_rate`` (image verdict)
+        override the model's settings, e.g. with a job's.
         """
         epsilon = self.config.nfa.epsilon if epsilon is None else epsilon
+        rate = self.config.nfa.false_alarm_rate if false_alarm_rate is None else false_alarm_rate
+        significance = maps.significance.cpu().tolist()
         return [
-            image_result(float(maps.image_score[i]), maps.neg_log10_nfa[i], size, epsilon)
+            image_result(float(maps.image_score[i]), maps.neg_log10_nfa[i], significance[i], size, epsilon, rate)
             for i, size in enumerate(original_sizes)
         ]
 
-    def score(self, images: torch.Tensor, original_sizes: list[tuple[int, int]], epsilon: float | None = None) -> list[ImageResult]:
-        return self.results(self.score_maps(images), original_sizes, epsilon)
+    def score(self, images: torch.Tensor, original_sizes: list[tuple[int, int]], epsilon: float | None = None,
+              false_alarm_rate: float | None = None) -> list[ImageResult]:
+        return self.results(self.score_maps(images), original_sizes, epsilon, false_alarm_rate)
 
     # --- persistence -------------------------------------------------------------------------
 
@@ -132,7 +160,11 @@ class UFlowDetector(nn.Module):
         return state_dict_sha256(self.extractor.state_dict())
 
     def save(self, directory: str | Path, manifest: dict[str, Any] | None = None) -> Path:
-        """Write weights and manifest into a local directory."""
+        """Write weights and manifest into a local directory.
+
+        ``manifest`` adds entries (category, training statistics); it cannot
+        override what describes the model itself (configuration, calibration).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.flow.state_dict().items()}
@@ -140,6 +172,7 @@ class UFlowDetector(nn.Module):
         from .. import __version__
 
         full = {
+            **(manifest or {}),
             "format": MANIFEST_FORMAT,
             "package_version": __version__,
             "config": to_dict(self.config),
@@ -147,7 +180,7 @@ class UFlowDetector(nn.Module):
             "normalization": {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), "input": "RGB uint8 / 255"},
             "feature_shapes": [list(s) for s in self.flow.feature_shapes],
             "latent_shapes": [list(s) for s in self.flow.latent_shapes],
-            **(manifest or {}),
+            "calibration": self.nfa.calibration.as_dict(),
         }
         (directory / MANIFEST_FILE).write_text(json.dumps(_strict_json(full), indent=2, sort_keys=True, allow_nan=False))
         return directory
@@ -156,8 +189,10 @@ class UFlowDetector(nn.Module):
     def load(cls, directory: str | Path, device: str | torch.device = "cpu", extractor: FeatureExtractor | None = None) -> UFlowDetector:
         directory = Path(directory)
         manifest = read_manifest(directory)
-        config = from_dict(DetectorConfig, manifest["config"])
+        config = from_dict(DetectorConfig, _with_test_of_its_time(manifest["config"]))
         detector = cls(config, extractor=extractor)
+        if manifest.get("calibration"):
+            detector.nfa.calibration = Calibration.from_dict(manifest["calibration"])
         checksum = detector.backbone_checksum()
         if checksum != manifest["backbone_sha256"]:
             raise ModelFormatError(
@@ -183,6 +218,16 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ModelFormatError(f"{path}: manifest format {manifest.get('format')!r}, this version reads {MANIFEST_FORMAT}")
     return manifest
+
+
+def _with_test_of_its_time(config: dict[str, Any]) -> dict[str, Any]:
+    """Models saved before ``nfa.test`` existed used the paper's block test: keep scoring them with it.
+
+    ``uflow-batch calibrate`` moves such a model to the calibrated scan test.
+    """
+    if "test" in config.get("nfa", {}):
+        return config
+    return {**config, "nfa": {**config.get("nfa", {}), "test": "block"}}
 
 
 def _strict_json(value: Any) -> Any:

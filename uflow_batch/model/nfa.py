@@ -1,4 +1,7 @@
-"""A-contrario detection on the flow's latents (U-Flow, section 3.3, eq. 6).
+"""The paper's block test on the flow's latents (U-Flow, section 3.3, eq. 6), ``nfa.test: block``.
+
+Kept so it can be compared with the default scan test (:mod:`.scan_nfa`) on
+the same model; it is not calibrated on held-out images (only measured).
 
 Under the background model (a normal image), every latent value is N(0, 1)
 and independent of the others, so z^2 ~ chi-square(1). A value is a
@@ -37,6 +40,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import NFAConfig, require
+from .anomaly import NFAMaps
+from .calibration import Calibration, false_alarms
 
 
 def candidate_threshold(p: float) -> float:
@@ -74,7 +79,7 @@ def log10_tail_table(window: int, channels: int, p: float) -> np.ndarray:
     return table
 
 
-class NFA(nn.Module):
+class BlockNFA(nn.Module):
     """-log10 NFA maps from latents; the scales taking part are the finest ones.
 
     ``latent_channels`` lists the channel count of each scale, finest first.
@@ -83,11 +88,13 @@ class NFA(nn.Module):
     with the coarse block that contains it.
     """
 
-    def __init__(self, latent_channels: Sequence[int], config: NFAConfig) -> None:
+    def __init__(self, latent_shapes: Sequence[Sequence[int]], config: NFAConfig, calibration: Calibration | None = None) -> None:
         super().__init__()
+        latent_channels = [int(shape[0]) for shape in latent_shapes]
         require(len(config.windows) <= len(latent_channels),
                 f"nfa.windows has {len(config.windows)} entries but the flow has {len(latent_channels)} scales")
         self.config = config
+        self.calibration = calibration or Calibration(fits={})
         self.threshold = candidate_threshold(config.p)
         self.windows = tuple(config.windows)
         for scale, (window, channels) in enumerate(zip(self.windows, latent_channels)):
@@ -118,7 +125,18 @@ class NFA(nn.Module):
     def number_of_tests(self, latents: Sequence[torch.Tensor]) -> int:
         return sum(z.shape[-2] * z.shape[-1] for z in latents[: len(self.windows)])
 
-    def forward(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, latents: Sequence[torch.Tensor]) -> NFAMaps:
+        log10_nfa = self.log10_nfa(latents)
+        return NFAMaps(log10_nfa=log10_nfa, min_log10_nfa=log10_nfa.flatten(1).amin(dim=1))
+
+    def calibrate(self, latent_batches: Sequence[Sequence[torch.Tensor]]) -> Calibration:
+        """The paper's test has no fitted background: only measure it on held-out normal latents."""
+        maps = [self(batch) for batch in latent_batches]
+        n_images = sum(len(m.min_log10_nfa) for m in maps)
+        self.calibration = Calibration(fits={}, n_images=n_images, false_alarms=false_alarms(maps))
+        return self.calibration
+
+    def log10_nfa(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
         """log10 NFA on the finest latent grid, (B, H_0, W_0), float64."""
         size = latents[0].shape[-2:]
         log10_nfa = torch.full_like(latents[0][:, 0], math.log10(self.number_of_tests(latents)), dtype=torch.float64)

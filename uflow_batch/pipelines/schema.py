@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 REGION_TYPE = pa.struct([
     ("x0", pa.int32()),
@@ -44,6 +44,7 @@ FILE_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("image_score", pa.float32()),
         ("max_neg_log10_nfa", pa.float32()),
+        ("false_alarm_rate", pa.float32()),
         ("is_anomalous", pa.bool_()),
         ("defect_area_px", pa.int64()),
         ("defect_area_fraction", pa.float32()),

@@ -146,7 +146,7 @@ def run_scoring(request: ScoreRequest) -> ScoreSummary:
         CategoryScorer,
         fn_constructor_kwargs={
             "models_url": request.models, "device": "cuda" if gpus > 0 else "cpu",
-            "epsilon": request.epsilon, "num_threads": max(1, int(resources.cpus_per_actor)),
+            "epsilon": request.epsilon, "false_alarm_rate": request.false_alarm_rate, "num_threads": max(1, int(resources.cpus_per_actor)),
         },
         batch_size=resources.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=resources.actors),

@@ -91,10 +91,11 @@ class CategoryScorer:
     """
 
     def __init__(self, models_url: str, device: str = "auto", epsilon: float | None = None,
-                 cache_size: int = 4, num_threads: int | None = None) -> None:
+                 false_alarm_rate: float | None = None, cache_size: int = 4, num_threads: int | None = None) -> None:
         self.store = storage.ModelStore(models_url)
         self.device = resolve_device(device)
         self.epsilon = epsilon
+        self.false_alarm_rate = false_alarm_rate
         self.cache_size = cache_size
         self.models: OrderedDict[tuple[str, str], UFlowDetector] = OrderedDict()
         if num_threads and self.device.type == "cpu":
@@ -150,5 +151,6 @@ class CategoryScorer:
     def _infer(self, detector: UFlowDetector, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         height, width = detector.input_size
         pixels = np.stack([np.frombuffer(i["pixels"], dtype=np.uint8).reshape(3, height, width) for i in items])
-        results = detector.score(torch.from_numpy(pixels), [(i["height"], i["width"]) for i in items], epsilon=self.epsilon)
+        results = detector.score(torch.from_numpy(pixels), [(i["height"], i["width"]) for i in items],
+                                  epsilon=self.epsilon, false_alarm_rate=self.false_alarm_rate)
         return [_with_routing(rows.result_row(i, r), i) for i, r in zip(items, results)]

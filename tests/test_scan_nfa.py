@@ -1,0 +1,178 @@
+"""The scan test: exact chi-square tails on every scale and window, and a background that holds on real normals."""
+
+import json
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from uflow_batch.config import NFAConfig
+from uflow_batch.model.calibration import Calibration, correction, detections, false_alarms, fit_scaled_chi2
+from uflow_batch.model.nfa import BlockNFA
+from uflow_batch.model.scan_nfa import NFA_CEILING, ScanNFA, log10_chi2_sf
+
+SHAPES = [(8, 16, 16), (12, 8, 8), (24, 4, 4)]
+
+
+def noise(n, shapes=SHAPES, seed=0, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(n, *shape, generator=generator, dtype=torch.float64) for shape in shapes]
+
+
+@pytest.mark.parametrize("dof", [1.0, 12.0, 300.0, 4000.0])
+def test_the_chi_square_tail_is_exact_where_scipy_can_tell(dof):
+    x = torch.tensor([0.0, 0.5, dof, 1.5 * dof + 10], dtype=torch.float64)
+    expected = stats.chi2.logsf(x.numpy(), dof) / math.log(10)
+    np.testing.assert_allclose(log10_chi2_sf(x, dof).numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dof", [2.0, 12.0, 300.0])
+def test_the_chi_square_tail_stays_exact_far_below_double_precision(dof):
+    x = torch.tensor([3000.0, 20000.0], dtype=torch.float64)
+    exact = [float(mpmath.log10(mpmath.gammainc(dof / 2, v / 2, mpmath.inf, regularized=True))) for v in x.tolist()]
+    assert all(e < -300 for e in exact), "the point of the test is the underflow region"
+    np.testing.assert_allclose(log10_chi2_sf(x, dof).numpy(), exact, rtol=1e-3)
+
+
+def reference_log10_p(latent: np.ndarray, window: int) -> np.ndarray:
+    """Per-position scipy reference, written independently of the vectorized code."""
+    channels, height, width = latent.shape
+    out = np.zeros((height - window + 1, width - window + 1))
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            block = latent[:, i : i + window, j : j + window]
+            out[i, j] = stats.chi2.logsf((block**2).sum(), window * window * channels) / math.log(10)
+    return out
+
+
+def test_every_test_matches_the_per_position_reference_below_the_ceiling():
+    latents = noise(2)
+    latents[0][:, :, 5:9, 5:9] *= 3.0  # make tails reach far
+    test = ScanNFA(SHAPES, NFAConfig())
+    log10_p = test.log10_p(test.statistics(latents))
+    floor = math.log10(NFA_CEILING) - test.log10_offset()
+    for (scale, window), values in log10_p.items():
+        for b in range(2):
+            expected = np.minimum(reference_log10_p(latents[scale][b].numpy(), window), floor)
+            np.testing.assert_allclose(values[b].numpy(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_every_scale_position_and_window_is_counted_in_the_number_of_tests():
+    test = ScanNFA(SHAPES, NFAConfig(scan_windows=(1, 3, 5)))
+    expected = sum((h - w + 1) * (h - w + 1) for _, h, _ in SHAPES for w in (1, 3, 5))
+    assert test.number_of_tests() == expected
+    small = ScanNFA([(4, 4, 4), (8, 2, 2)], NFAConfig(scan_windows=(1, 3, 5)))
+    assert small.tests == [(0, 1), (0, 3), (1, 1)], "windows larger than a grid are skipped there"
+
+
+def test_a_single_extreme_cell_is_detected_where_the_block_test_cannot_see_it():
+    latents = noise(1, seed=1)
+    latents[0][0, :, 7, 9] = 8.0  # one cell of the finest grid, every channel extreme
+    scan = ScanNFA(SHAPES, NFAConfig())(latents)
+    assert scan.min_log10_nfa.item() < -10
+    assert np.unravel_index(int(scan.log10_nfa[0].argmin()), (16, 16)) == (7, 9)
+    block = BlockNFA(SHAPES, NFAConfig(windows=(5, 3)))(latents)
+    assert block.min_log10_nfa.item() > 0, "one cell of 25 cannot reach NFA < 1 in the paper's test"
+
+
+def test_a_faint_defect_spread_over_a_block_fires_through_the_larger_windows():
+    shapes = [(32, 16, 16), (48, 8, 8)]
+    latents = noise(1, shapes, seed=2)
+    latents[0][0, :, 4:9, 4:9] *= 1.15  # every cell only mildly unusual
+    assert ScanNFA(shapes, NFAConfig())(latents).min_log10_nfa.item() < -1
+    cells_only = ScanNFA(shapes, NFAConfig(scan_windows=(1,)))(latents)
+    assert cells_only.min_log10_nfa.item() > 0, "no single cell is significant on its own"
+
+
+def test_a_one_cell_defect_paints_its_cell_not_the_block_around_it():
+    latents = noise(1, seed=3)
+    latents[0][0, :, 8, 8] = 8.0
+    mask = ScanNFA(SHAPES, NFAConfig())(latents).log10_nfa[0] < 0
+    assert mask[8, 8] and int(mask.sum()) <= 3
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 1.0, 10.0])
+def test_pure_noise_gives_at_most_epsilon_false_detections_per_image(epsilon):
+    test = ScanNFA(SHAPES, NFAConfig())
+    maps = [test(noise(50, seed=seed)) for seed in range(4)]
+    measured = false_alarms(maps, (epsilon,))
+    assert measured.detections_per_image[0] <= epsilon
+    assert measured.images_flagged[0] <= epsilon
+
+
+def correlated_normals(n, seed):
+    """What a real flow gives on held-out normal images: over-dispersed and correlated across channels."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for c, h, w in SHAPES:
+        shared = torch.randn(n, 1, h, w, generator=generator, dtype=torch.float64)
+        out.append(1.3 * (0.6 * shared + 0.8 * torch.randn(n, c, h, w, generator=generator, dtype=torch.float64)))
+    return out
+
+
+def test_the_theoretical_background_floods_real_normals_and_the_fitted_one_keeps_the_promise():
+    test = ScanNFA(SHAPES, NFAConfig())
+    fresh = correlated_normals(100, seed=11)
+    flooded = false_alarms([test(fresh)], (1.0,))
+    assert flooded.images_flagged[0] > 0.9
+    held_out = correlated_normals(100, seed=10)
+    calibration = test.calibrate([[z[i : i + 20] for z in held_out] for i in range(0, 100, 20)])
+    assert calibration.n_images == 100 and calibration.false_alarms.n_images == 100
+    kept = false_alarms([test(fresh)], (0.1, 1.0, 10.0))
+    # 100 held-out images pin the 0.1 level only to about +-30%: that much is sampling, not a broken promise.
+    for epsilon, measured, flagged, slack in zip(kept.epsilons, kept.detections_per_image, kept.images_flagged, (1.5, 1, 1)):
+        assert measured <= slack * epsilon and flagged <= slack * epsilon
+
+
+def test_the_fit_recovers_the_far_tail_of_a_scaled_chi_square():
+    samples = 2.5 * stats.chi2.rvs(7.0, size=200_000, random_state=np.random.default_rng(4))
+    fit = fit_scaled_chi2(samples, dof=50.0)
+    for tail in (1e-6, 1e-9):  # far beyond the samples: the extrapolation the test relies on
+        assert fit.scale * stats.chi2.isf(tail, fit.dof) == pytest.approx(2.5 * stats.chi2.isf(tail, 7.0), rel=0.1)
+    light = stats.chi2.rvs(50.0, size=200_000, random_state=np.random.default_rng(5))
+    assert fit_scaled_chi2(light, dof=20.0).dof == 20.0, "a lighter tail than the theory's is not trusted"
+
+
+def maps_with_spots(spots_per_image, significance=8.0, size=16):
+    """Held-out maps: log10 NFA at the ceiling except the given number of separate spots per image."""
+    maps = []
+    for spots in spots_per_image:
+        grid = torch.full((1, size, size), 2.0, dtype=torch.float64)
+        for k in range(spots):
+            grid[0, 2 + 3 * k, 2] = -significance
+        maps.append(_nfa_maps(grid))
+    return maps
+
+
+def _nfa_maps(grid):
+    from uflow_batch.model.anomaly import NFAMaps
+
+    return NFAMaps(log10_nfa=grid, min_log10_nfa=grid.flatten(1).amin(dim=1))
+
+
+def test_the_correction_tolerates_one_atypical_held_out_image_in_fifteen_but_not_two():
+    one_odd = maps_with_spots([3] + [0] * 14)
+    assert correction(one_odd) == 0.0
+    two_odd = maps_with_spots([1, 1] + [0] * 13)
+    factor = correction(two_odd)
+    assert factor >= 7.0  # the second one must be pushed above NFA = 0.1
+    shifted = [_nfa_maps(m.log10_nfa + factor) for m in two_odd]
+    assert false_alarms(shifted, (0.1,)).images_flagged[0] <= 0.1
+
+
+def test_a_detection_is_a_region_not_every_window_that_fires_on_it():
+    grid = np.full((8, 8), 2.0)
+    grid[2:4, 2:4] = -5.0
+    grid[6, 6] = -3.0
+    assert detections(grid, -5.0, 1.0) == 2
+    assert detections(np.full((8, 8), 2.0), -1.0, 1.0) == 1, "a test that fires with no cell below epsilon flags the image"
+
+
+def test_the_calibration_travels_as_json():
+    test = ScanNFA(SHAPES, NFAConfig())
+    calibration = test.calibrate([correlated_normals(10, seed=12)])
+    restored = Calibration.from_dict(json.loads(json.dumps(calibration.as_dict())))
+    assert restored == calibration
