@@ -125,9 +125,9 @@ class ScanNFA(nn.Module):
         out = {}
         for (scale, window), sums in statistics.items():
             fit = self.fit(scale, window)
-            relevant = sums > fit.scale * _chi2_isf(10.0**floor, fit.dof)
+            relevant = sums > fit.scale * _chi2_isf(10.0 ** (floor - fit.log10_factor), fit.dof)
             values = torch.full_like(sums, floor)
-            values[relevant] = log10_chi2_sf(sums[relevant] / fit.scale, fit.dof).clamp_max(floor)
+            values[relevant] = (log10_chi2_sf(sums[relevant] / fit.scale, fit.dof) + fit.log10_factor).clamp_max(floor)
             out[scale, window] = values
         return out
 
