@@ -33,15 +33,26 @@ def test_train_then_evaluate_prints_the_metrics_table_and_writes_json(tmp_path):
     evaluated = uflow("evaluate", "--data", str(data), "--model", str(model), "--json-out", str(report))
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     header = evaluated.stdout.splitlines()[0]
-    for column in ("img AUROC", "px AUROC", "AUPRO", "IoU NFA", "IoU oracle", "IoU fair"):
+    for column in ("img AUROC", "px AUROC", "AUPRO", "false alarms", "recall", "oracle recall",
+                   "IoU NFA", "IoU oracle", "IoU fair", "mIoU NFA", "mIoU oracle", "mIoU fair"):
         assert column in header
     (row,) = json.loads(report.read_text())
     assert row["category"] == "tile_exp1" and row["n_images"] == 4 and 0.0 <= row["pixel_auroc"] <= 1.0
+    assert row["nfa_test"] == "scan" and row["false_alarm_rate"] == 0.01
+    assert row["calibration_curve"]["epsilon"] == [0.01, 0.1, 1.0, 10.0, 100.0]
 
-    finer = uflow("evaluate", "--data", str(data), "--model", str(model), "--nfa-windows", "3", "--json-out", str(report))
-    assert finer.returncode == 0, finer.stderr[-2000:]
-    (finer_row,) = json.loads(report.read_text())
-    assert finer_row["pixel_auroc"] == row["pixel_auroc"], "only the NFA changes, not the anomaly map"
+    figure = tmp_path / "calibration.png"
+    paper = uflow("evaluate", "--data", str(data), "--model", str(model), "--nfa-test", "block", "--nfa-windows", "3",
+                  "--json-out", str(report), "--figure-out", str(figure))
+    assert paper.returncode == 0, paper.stderr[-2000:]
+    (paper_row,) = json.loads(report.read_text())
+    assert paper_row["nfa_test"] == "block"
+    assert paper_row["pixel_auroc"] == row["pixel_auroc"], "only the NFA changes, not the anomaly map"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    calibrated = uflow("calibrate", "--model", str(model), "--data", str(data))
+    assert calibrated.returncode == 0, calibrated.stderr[-2000:]
+    assert "calibrated on 1 held-out normal images" in calibrated.stdout, "8 training images hold out 1"
 
 
 def test_bad_configuration_exits_2_and_failed_work_exits_1(tmp_path):

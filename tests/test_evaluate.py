@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from uflow_batch.evaluate import aupro, best_iou_threshold, iou
+from uflow_batch.evaluate import aupro, best_iou_threshold, iou, mean_iou, oracle_recall
 
 
 def brute_force_aupro(scores, masks, max_fpr=0.3, steps=4000):
@@ -74,3 +74,19 @@ def test_iou_of_disjoint_and_identical_masks():
     assert iou(a, a) == 1.0
     assert iou(a, ~a) == 0.0
     assert iou(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_the_per_image_mean_iou_counts_an_image_with_neither_prediction_nor_defect_as_one():
+    empty = np.zeros((4, 4), dtype=bool)
+    hit = empty.copy()
+    hit[1, 1] = True
+    assert mean_iou([empty, hit], [empty, hit]) == 1.0
+    assert mean_iou([empty, empty], [empty, hit]) == 0.5
+    assert iou(np.concatenate([empty, empty]), np.concatenate([empty, hit])) == 0.0, "pooled, the same masks score 0"
+
+
+def test_oracle_recall_is_the_best_recall_at_the_same_false_alarm_rate():
+    scores = np.array([0.1, 0.2, 0.3, 0.9, 0.25, 0.5, 0.8, 0.95])
+    labels = np.array([False, False, False, False, True, True, True, True])
+    assert oracle_recall(scores, labels, 0.0) == 0.25, "above the highest good score: only 0.95"
+    assert oracle_recall(scores, labels, 0.25) == 0.75, "one of four good images may be flagged: above 0.3"

@@ -9,6 +9,7 @@ import torch
 from shared_data import make_tiny_mvtec
 from uflow_batch import data
 from uflow_batch.config import BackboneConfig, ConfigError, DetectorConfig, NFAConfig, TrainConfig
+from uflow_batch.model.calibration import Calibration
 from uflow_batch.model.detector import MANIFEST_FILE, WEIGHTS_FILE, ModelFormatError, UFlowDetector, negative_log_likelihood
 from uflow_batch.train import (
     TrainingDiverged,
@@ -44,7 +45,8 @@ def test_training_writes_weights_and_a_self_describing_manifest(trained):
     assert manifest["config"]["backbone"]["input_size"] == [64, 64]
     assert manifest["config"]["backbone"]["name"] == "lite0"
     assert manifest["config"]["backbone"]["layers"] == [1, 2, 3, 4], "the stages used are recorded, not left to a default"
-    assert manifest["config"]["nfa"] == {"p": 0.9, "windows": [5, 3], "epsilon": 1.0}
+    assert manifest["config"]["nfa"] == {"test": "scan", "p": 0.9, "windows": [5, 3], "scan_windows": [1, 3, 5], "mask_p": 0.99,
+                                         "epsilon": 1.0, "false_alarm_rate": 0.01}
     assert len(manifest["backbone_sha256"]) == 64
     assert manifest["normalization"]["mean"] == [0.5, 0.5, 0.5] and manifest["normalization"]["std"] == [0.5, 0.5, 0.5]
     assert manifest["training"]["n_train"] + manifest["training"]["n_val"] == 12
@@ -52,6 +54,42 @@ def test_training_writes_weights_and_a_self_describing_manifest(trained):
     assert manifest["package_version"]
     assert report.epochs == 3 and 1 <= report.best_epoch <= 3
     assert np.isfinite(report.best_val_loss) and np.isfinite(report.fair_threshold)
+
+
+def test_the_verdict_is_calibrated_on_the_held_out_normal_images_and_travels_in_the_manifest(trained):
+    out, report = trained
+    calibration = json.loads((out / MANIFEST_FILE).read_text())["calibration"]
+    assert calibration["n_images"] == report.n_val, "fitted on the held-out split of train/good, nothing else"
+    assert calibration["false_alarms"]["n_images"] == report.n_val
+    assert calibration["false_alarms"]["epsilons"] == [0.01, 0.1, 1.0, 10.0, 100.0]
+    assert set(calibration["fits"]) >= {"0/1", "1/1"}
+    assert UFlowDetector.load(out).nfa.calibration == Calibration.from_dict(calibration)
+
+
+def test_recalibration_rebuilds_the_same_held_out_split(trained, tiny_root, tmp_path):
+    import shutil
+
+    from uflow_batch.train import recalibrate
+
+    out, _ = trained
+    copy = tmp_path / "model"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / MANIFEST_FILE).read_text())["calibration"]
+    assert recalibrate(copy, str(tiny_root)) == Calibration.from_dict(before)
+    block = recalibrate(copy, str(tiny_root), nfa=NFAConfig(test="block"))
+    assert block.fits == {} and UFlowDetector.load(copy).config.nfa.test == "block"
+    with pytest.raises(TrainingError, match="not the data"):
+        recalibrate(copy, str(make_tiny_mvtec(tmp_path / "other", n_train=11)))
+
+
+def test_a_model_saved_before_the_scan_test_keeps_scoring_with_the_papers_block_test(trained, tmp_path):
+    out, _ = trained
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["config"]["nfa"] = {"p": 0.9, "windows": [5, 3], "epsilon": 1.0}
+    del manifest["calibration"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (tmp_path / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
+    assert UFlowDetector.load(tmp_path).config.nfa.test == "block"
 
 
 def test_a_loaded_model_scores_exactly_like_the_trained_one(trained, tiny_root):
@@ -98,14 +136,17 @@ def test_other_nfa_settings_apply_to_a_trained_model_without_retraining(trained,
     out, _ = trained
     detector = UFlowDetector.load(out)
     image = data.resize_to_model(data.decode_image(next((tiny_root / "tile_exp1/test/crack").glob("*.png")).read_bytes()), (64, 64))
+    scan = detector.score_maps(image[None])
+    detector.use_nfa(NFAConfig(test="block"))
     default = detector.score_maps(image[None])
-    detector.use_nfa(NFAConfig(windows=(3,)))
+    assert not torch.equal(scan.neg_log10_nfa, default.neg_log10_nfa), "the other test, on the same latents"
+    detector.use_nfa(NFAConfig(test="block", windows=(3,)))
     finer = detector.score_maps(image[None])
     assert detector.config.nfa.windows == (3,)
     assert torch.equal(default.anomaly, finer.anomaly), "the flow is untouched"
     assert not torch.equal(default.neg_log10_nfa, finer.neg_log10_nfa)
     with pytest.raises(ConfigError, match="nfa.windows has 5 entries"):
-        detector.use_nfa(NFAConfig(windows=(3, 3, 3, 3, 3)))
+        detector.use_nfa(NFAConfig(test="block", windows=(3, 3, 3, 3, 3)))
 
 
 def test_validation_images_are_held_out_of_training():

@@ -120,10 +120,12 @@ def theoretical_calibration(latent_shapes: Sequence[Sequence[int]], windows: Seq
 def fit_scaled_chi2(samples: np.ndarray, dof: float) -> BackgroundFit:
     """Scaled chi-square through two upper quantiles of ``samples`` (see the module docstring)."""
     samples = np.asarray(samples, dtype=np.float64).ravel()
-    tail_hi = max(MIN_TAIL / max(samples.size, 1), 1e-4)
+    if samples.size < MIN_SAMPLES:
+        return _moments_fit(samples, dof)
+    tail_hi = max(MIN_TAIL / samples.size, 1e-4)
     tail_lo = math.sqrt(tail_hi)
     q_lo, q_hi = np.quantile(samples, [1.0 - tail_lo, 1.0 - tail_hi])
-    if samples.size < MIN_SAMPLES or q_lo <= 0:
+    if q_lo <= 0:
         return _moments_fit(samples, dof)
 
     def ratio(k: float) -> float:
@@ -159,7 +161,9 @@ def _moments_fit(samples: np.ndarray, dof: float) -> BackgroundFit:
     Keeping the theoretical shape here would trust independence exactly
     where correlation makes the tail heaviest.
     """
-    mean, variance = float(samples.mean()), float(samples.var(ddof=1)) if samples.size > 1 else 0.0
+    if samples.size < 2:
+        return BackgroundFit(1.0, dof)
+    mean, variance = float(samples.mean()), float(samples.var(ddof=1))
     if mean <= 0 or variance <= 0:
         return BackgroundFit(max(mean / dof, 1e-12), dof)
     k = min(dof, 2.0 * mean * mean / variance)
