@@ -472,7 +472,7 @@ table.totals th:first-child, table.totals td:first-child { text-align: left; }
 {% endfor %}</div>
 {% if not has_errors %}<p id="no-errors">No errored images.</p>{% endif %}
 <h2>Top {{ top|length }} most anomalous images</h2>
-<p class="meta">Ranked by image_score over all selected categories and nights. Red: the NFA defect mask (pixels with NFA &lt; &epsilon;).</p>
+<p class="meta">Ranked by image_score over all selected categories and nights. Red: the defect mask of flagged images (pixels with NFA &lt; &epsilon;).</p>
 <div class="gallery" id="top-images">
 {% for item in top %}<figure class="card" data-rank="{{ item.rank }}" data-uri="{{ item.image_uri }}">
 {% if item.thumbnail_uri %}<img src="{{ item.thumbnail_uri }}" alt="#{{ item.rank }} {{ item.image_uri }}">{% else %}<div class="placeholder">no image</div>{% endif %}

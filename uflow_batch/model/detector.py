@@ -125,7 +125,11 @@ class UFlowDetector(nn.Module):
     @torch.inference_mode()
     def maps_from_features(self, features: list[torch.Tensor]) -> ScoreMaps:
         """The maps from backbone features already extracted (training caches them)."""
-        latents, _ = self.latents(features)
+        return self.maps_from_latents(self.latents(features)[0])
+
+    @torch.inference_mode()
+    def maps_from_latents(self, latents: list[torch.Tensor]) -> ScoreMaps:
+        """Anomaly map, verdict maps and image scores from the flow's latents."""
         anomaly = anomaly_map(latents, self.input_size)
         nfa = self.nfa(latents)
         neg_log10_nfa = -torch.nn.functional.interpolate(
