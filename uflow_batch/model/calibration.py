@@ -16,12 +16,12 @@ scaled chi-square s * chi2(k):
 - Then the whole test is run on the same held-out images. Real normal
   images have atypical spots that no two-parameter fit foresees, so the
   NFA is multiplied by the smallest factor (``log10_factor``) after which,
-  on the n held-out images, (a) at the smallest epsilon of
+  on the n held-out images, (a) at the smallest epsilon below 1 of
   ``CORRECTION_EPSILONS`` that n images can measure (epsilon * n >= 1:
-  0.1 for 15 images, 0.01 for 100) at most epsilon * n of them are flagged,
-  and (b) at every larger one up to 100 the mean number of detections per
-  image stays at or below epsilon, counted over the images that (a) does
-  not tolerate. Real train/good folders hold the odd part that looks
+  0.1 for 15 images, 0.01 for 100; none under 10 images) at most
+  epsilon * n of them are flagged, and (b) at every larger one up to 100
+  the mean number of detections per image stays at or below epsilon,
+  counted over the images that (a) does not tolerate. Real train/good folders hold the odd part that looks
   defective (MTD's do); (a) tolerates it at the rate it claims, instead of
   letting one such image, with its many spots, make the test blind. A
   detection is one connected region of the NFA map below epsilon, as an
@@ -187,13 +187,13 @@ def correction(maps: Sequence[NFAMaps], epsilons: Sequence[float] = CORRECTION_E
     larger point.
     """
     images = sorted(_per_image(maps, 0.0), key=lambda image: image[1])
-    measurable = sorted(e for e in epsilons if e * len(images) >= 1.0) or [max(epsilons)]
-    smallest, larger = measurable[0], measurable[1:]
+    smallest = _smallest_measurable(len(images), epsilons)
     tolerated = tolerated_images(len(images), epsilons)
     typical = images[tolerated:]
+    larger = [e for e in epsilons if smallest is None or e > smallest]
 
     def kept(factor: float) -> bool:
-        if sum(low + factor < math.log10(smallest) for _, low in images) > tolerated:
+        if smallest is not None and sum(low + factor < math.log10(smallest) for _, low in images) > tolerated:
             return False
         return all(
             sum(detections(m + factor, low + factor, e) for m, low in typical) <= math.floor(e * len(typical) + 1e-9)
@@ -250,7 +250,7 @@ def family_corrections(test: Any, statistics: dict[tuple[int, int], torch.Tensor
     all families together.
     """
     offset = test.log10_n_tests
-    smallest = min((e for e in CORRECTION_EPSILONS if e * n_images >= 1.0), default=max(CORRECTION_EPSILONS))
+    smallest = _smallest_measurable(n_images, CORRECTION_EPSILONS) or 1.0
     tolerated = tolerated_images(n_images)
     fits = dict(test.calibration.fits)
     for (scale, window), values in statistics.items():
@@ -264,10 +264,18 @@ def family_corrections(test: Any, statistics: dict[tuple[int, int], torch.Tensor
     return replace(test.calibration, fits=fits)
 
 
+def _smallest_measurable(n_images: int, epsilons: Sequence[float]) -> float | None:
+    """The smallest epsilon below 1 at which n images can show a false alarm (epsilon * n >= 1), if any."""
+    return min((e for e in epsilons if e < 1.0 and e * n_images >= 1.0), default=None)
+
+
 def tolerated_images(n_images: int, epsilons: Sequence[float] = CORRECTION_EPSILONS) -> int:
-    """How many of n held-out normal images may be flagged at the smallest epsilon they can measure."""
-    smallest = min((e for e in epsilons if e * n_images >= 1.0), default=max(epsilons))
-    return int(math.floor(smallest * n_images + 1e-9))
+    """How many of n held-out normal images may be flagged at the smallest epsilon they can measure.
+
+    None with fewer than 10 images: too few to tell an atypical part from a badly fitted background.
+    """
+    smallest = _smallest_measurable(n_images, epsilons)
+    return 0 if smallest is None else int(math.floor(smallest * n_images + 1e-9))
 
 
 def _fitted(test: Any, statistics: dict[tuple[int, int], torch.Tensor], n_images: int) -> Calibration:
