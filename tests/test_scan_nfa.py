@@ -10,9 +10,18 @@ import torch
 from scipy import stats
 
 from uflow_batch.config import NFAConfig
-from uflow_batch.model.calibration import Calibration, correction, detections, false_alarms, fit_scaled_chi2
+from uflow_batch.model.calibration import (
+    Calibration,
+    correction,
+    detections,
+    false_alarms,
+    fit_scaled_chi2,
+    fit_tail,
+    log10_chi2_sf,
+    tolerated_images,
+)
 from uflow_batch.model.nfa import BlockNFA
-from uflow_batch.model.scan_nfa import NFA_CEILING, ScanNFA, log10_chi2_sf
+from uflow_batch.model.scan_nfa import NFA_CEILING, ScanNFA
 
 SHAPES = [(8, 16, 16), (12, 8, 8), (24, 4, 4)]
 
@@ -176,3 +185,22 @@ def test_the_calibration_travels_as_json():
     calibration = test.calibrate([correlated_normals(10, seed=12)])
     restored = Calibration.from_dict(json.loads(json.dumps(calibration.as_dict())))
     assert restored == calibration
+
+
+def test_with_fewer_than_ten_held_out_images_no_image_is_tolerated():
+    few = maps_with_spots([1] + [0] * 8)
+    assert tolerated_images(9) == 0 and tolerated_images(15) == 1 and tolerated_images(100) == 1
+    assert correction(few) >= 7.0, "nine images cannot tell an atypical part from a badly fitted background"
+
+
+def test_a_heavy_tail_is_extrapolated_from_its_own_exceedances_not_from_the_bulk():
+    rng = np.random.default_rng(6)
+    samples = stats.t.rvs(3, size=400_000, random_state=rng) ** 2  # P(S > x) falls like x^-1.5, no chi-square does
+    truth = stats.t.isf(0.5e-6, 3) ** 2  # P(S > truth) = 1e-6
+    tailed = fit_tail(samples, dof=50.0)
+    assert tailed.tail_start is not None and tailed.tail_shape > 0.3
+    assert tailed.statistic_at(-6.0) == pytest.approx(truth, rel=0.35)
+    bulk_only = fit_scaled_chi2(samples, dof=50.0)
+    assert bulk_only.statistic_at(-6.0) < 0.3 * truth, "the chi-square shape would flag normal parts a hundred times too often"
+    values = tailed.log10_sf(torch.tensor([0.0, tailed.tail_start, truth], dtype=torch.float64))
+    assert values[0] == 0.0 and values[1] == pytest.approx(math.log10(tailed.tail_mass)) and values[2] == pytest.approx(-6.0, abs=0.3)

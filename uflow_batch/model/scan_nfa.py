@@ -32,12 +32,10 @@ stays finite and ordered for arbitrarily strong defects.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
 import torch
-from scipy import stats
 from torch import nn
 from torch.nn import functional as F
 
@@ -45,28 +43,8 @@ from ..config import NFAConfig
 from .anomaly import NFAMaps
 from .calibration import BackgroundFit, Calibration, fit_background, theoretical_calibration
 
-_LN10 = math.log(10.0)
-_UNDERFLOW = 1e-280
 # NFAs above this are reported as this: no detection or mask at any epsilon up to it depends on them.
 NFA_CEILING = 100.0
-
-
-@functools.lru_cache(maxsize=1024)
-def _chi2_isf(tail: float, dof: float) -> float:
-    """The chi2(dof) value with upper tail probability ``tail`` (scipy, float64)."""
-    return float(stats.chi2.isf(tail, dof))
-
-
-def log10_chi2_sf(x: torch.Tensor, dof: float) -> torch.Tensor:
-    """log10 P(chi2(dof) >= x) elementwise, float64, finite for any x >= 0."""
-    x = x.to(torch.float64)
-    a = torch.full_like(x, dof / 2.0)
-    y = (x / 2.0).clamp_min(0.0)
-    q = torch.special.gammaincc(a, y)
-    # Gamma(a, y) ~ y^(a-1) e^-y (1 + (a-1)/y + ...) for y >> a, the only place it underflows.
-    safe_y = y.clamp_min(1e-300)
-    asymptotic = ((a - 1.0) * torch.log(safe_y) - y - torch.lgamma(a) + torch.log1p((a - 1.0) / safe_y)) / _LN10
-    return torch.where(q < _UNDERFLOW, asymptotic, torch.log10(q.clamp_min(_UNDERFLOW)))
 
 
 def cell_energy(latent: torch.Tensor) -> torch.Tensor:
@@ -125,16 +103,15 @@ class ScanNFA(nn.Module):
         out = {}
         for (scale, window), sums in statistics.items():
             fit = self.fit(scale, window)
-            relevant = sums > fit.scale * _chi2_isf(10.0 ** (floor - fit.log10_factor), fit.dof)
+            relevant = sums > fit.statistic_at(floor - fit.log10_factor)
             values = torch.full_like(sums, floor)
-            values[relevant] = (log10_chi2_sf(sums[relevant] / fit.scale, fit.dof) + fit.log10_factor).clamp_max(floor)
+            values[relevant] = fit.log10_sf(sums[relevant]).clamp_max(floor)
             out[scale, window] = values
         return out
 
     def deviates(self, energy: torch.Tensor, scale: int) -> torch.Tensor:
         """(B, H, W): cells whose own single-cell tail probability is below 1 - ``nfa.mask_p``."""
-        fit = self.fit(scale, 1)
-        return energy > fit.scale * _chi2_isf(1.0 - self.config.mask_p, fit.dof)
+        return energy > self.fit(scale, 1).statistic_at(math.log10(1.0 - self.config.mask_p))
 
     def log10_offset(self) -> float:
         """log10 of the number of tests times the calibration's correction factor."""
