@@ -93,6 +93,13 @@ def test_a_single_input_string_is_a_list_of_one():
 
 def test_yaml_1_1_exponent_without_a_dot_is_still_a_number():
     assert job_spec_from_dict(spec_with(nfa_epsilon="1e-3")).nfa_epsilon == pytest.approx(1e-3)
+    assert job_spec_from_dict(spec_with(false_alarm_rate="1e-3")).false_alarm_rate == pytest.approx(1e-3)
+
+
+def test_the_false_alarm_rate_of_a_spec_reaches_the_scoring_request():
+    spec = job_spec_from_dict(spec_with(false_alarm_rate=0.001))
+    assert spec.request_for("2026-01-01").false_alarm_rate == 0.001
+    assert job_spec_from_dict(spec_with()).request_for("2026-01-01").false_alarm_rate is None, "each model keeps its own"
 
 
 def test_round_trip_through_to_dict():
@@ -136,6 +143,8 @@ BAD_SPECS = [
     ("epsilon negative", spec_with(nfa_epsilon=-1.0), "nfa_epsilon"),
     ("epsilon text", spec_with(nfa_epsilon="small"), "nfa_epsilon"),
     ("epsilon boolean", spec_with(nfa_epsilon=True), "nfa_epsilon"),
+    ("false-alarm rate of one", spec_with(false_alarm_rate=1.0), "false_alarm_rate"),
+    ("false-alarm rate as a percentage", spec_with(false_alarm_rate=5), "false_alarm_rate"),
     ("batch size zero", spec_with(resources={"batch_size": 0}), "resources.batch_size"),
     ("batch size as text", spec_with(resources={"batch_size": "16"}), "resources.batch_size"),
     ("negative gpus", spec_with(resources={"gpus_per_actor": -1}), "resources.gpus_per_actor"),
