@@ -45,7 +45,8 @@ RUN_DATE=$(date -u +%F)
 
 if [ -z "$DATA" ]; then
     step "Generating the demo dataset (3 categories, seeded) and tonight's archive into $BUCKET"
-    show $PY -m uflow_batch.synthetic --out "$BUCKET/data" --archive "$BUCKET/archive/$RUN_DATE" --archive-size 30
+    show $PY -m uflow_batch.synthetic --out "$BUCKET/data" --archive "$BUCKET/archive/$RUN_DATE" --archive-size 30 \
+        --truth-out "$BUCKET/archive-truth-$RUN_DATE.json"
 else
     step "Staging $DATA and its test images as tonight's archive into $BUCKET"
     show $PY -m uflow_batch.devtools.stage --data "$DATA" --dataset-url "$BUCKET/data" --archive-url "$BUCKET/archive/$RUN_DATE"
@@ -67,6 +68,11 @@ step "What an analyst asks the next morning (DuckDB straight on s3://)"
 show $UFLOW query defect_rate_per_night --scores "$BUCKET/scores"
 show $UFLOW query top_anomalous --scores "$BUCKET/scores" --limit 8
 show $UFLOW query error_counts --scores "$BUCKET/scores"
+
+if [ -z "$DATA" ]; then
+    step "The verdict against what tonight's generated archive truly holds"
+    show $PY -m uflow_batch.devtools.verdict_check --truth "$BUCKET/archive-truth-$RUN_DATE.json" --scores "$BUCKET/scores"
+fi
 
 step "The defect report"
 show $UFLOW report --scores "$BUCKET/scores" --out "$DEMO/report.html"

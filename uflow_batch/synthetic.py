@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import struct
@@ -764,13 +765,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--archive-size", type=int, default=20, help="images per category in the archive")
     parser.add_argument("--defect-rate", type=float, default=0.25)
+    parser.add_argument("--truth-out", help="with --archive: write what each archive image truly is here (JSON)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = SyntheticConfig(tuple(args.categories), args.image_size, args.n_train, args.n_test_good,
                              args.n_test_per_defect, args.seed)
     generate_dataset(args.out, config)
     if args.archive:
-        write_scoring_archive(args.archive, config, args.archive_size, args.defect_rate)
+        summary = write_scoring_archive(args.archive, config, args.archive_size, args.defect_rate)
+        if args.truth_out:
+            truth = {f.url: f.defect for f in summary.scorable}
+            storage.write_bytes_atomic(args.truth_out, json.dumps(truth, indent=1, sort_keys=True).encode())
 
 
 if __name__ == "__main__":
