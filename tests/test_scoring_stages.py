@@ -236,6 +236,38 @@ def test_a_model_with_an_unreadable_manifest_gives_error_rows_not_a_failed_run(m
     assert row["error"] == "inference_error" and "manifest" in row["error_message"]
 
 
+def _copy_of(model_store, tmp_path) -> tuple[str, ModelStore]:
+    import shutil
+
+    store_url = str(tmp_path / "models")
+    shutil.copytree(model_store, store_url)
+    return store_url, ModelStore(store_url)
+
+
+def test_a_category_whose_pointer_is_corrupt_gets_error_rows_naming_it_and_the_others_are_scored(model_store, tmp_path):
+    store_url, _ = _copy_of(model_store, tmp_path)
+    pointer = Path(store_url) / "fabric" / "CURRENT"
+    pointer.write_text('{"version": "../../../somewhere"}')
+    index = resolve_models(store_url, ["fabric", "brushed_metal"])
+    assert "brushed_metal" in index.input_sizes and index.versions["fabric"] is None
+    item = {"image_uri": "/nowhere.png", "model_version": None, "object_size": 1, "object_etag": None,
+            "object_mtime": None, "category": "fabric", "run_date": RUN_DATE, "pkey": "k"}
+    (row,) = fetch_and_decode(pa.Table.from_pylist([item], schema=LISTING_SCHEMA), index.input_sizes, index.unusable).to_pylist()
+    assert row["error"] == "inference_error" and str(pointer) in row["error_message"]
+
+
+def test_a_model_whose_weights_are_truncated_gives_error_rows_without_retries(archive, model_store, tmp_path):
+    store_url, store = _copy_of(model_store, tmp_path)
+    weights = Path(store_url) / "fabric" / store.current_version("fabric") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    sizes = resolve_models(store_url, ["fabric", "brushed_metal"]).input_sizes
+    decoded = fetch_and_decode(pa.Table.from_pylist(listing_rows(archive, store_url), schema=LISTING_SCHEMA), sizes)
+    rows = CategoryScorer(store_url, device="cpu")(decoded).to_pylist()  # raises nothing: nothing to retry
+    fabric = [r for r in rows if r["category"] == "fabric" and r["error"] != "decode_error"]
+    assert fabric and all(r["error"] == "inference_error" and "safetensors" in r["error_message"] for r in fabric)
+    assert any(r["category"] == "brushed_metal" and r["error"] is None for r in rows), "the healthy category is scored"
+
+
 def test_a_bad_manifest_is_refused_before_anything_runs(tmp_path):
     manifest = tmp_path / "night.jsonl"
     manifest.write_text('{"uri": "s3://b/x.png", "category": "fabric"}\n{"uri": "s3://b/x.png", "category": "fabric"}\n')

@@ -298,3 +298,17 @@ def test_a_failed_read_of_a_signed_url_hides_the_signature(s3_env: S3Server, s3_
     assert "missing.bin" in str(failure.value)
     assert signature not in str(failure.value)
     assert s3_env.access_key not in str(failure.value)
+
+
+@pytest.mark.parametrize("pointer, reason", [
+    (b"{not json", "not a model pointer"),
+    (b'{"published_at": "2026-12-01"}', "not a model pointer"),
+    (b'{"version": "../../elsewhere/models/x"}', "not a version folder"),
+    (b'{"version": 7}', "not a version folder"),
+])
+def test_a_corrupt_current_pointer_is_an_error_that_names_its_file(root_url: str, pointer: bytes, reason: str) -> None:
+    store = ModelStore(storage.join(root_url, "models"))
+    storage.write_bytes_atomic(storage.join(store.url, "bottle", storage.CURRENT_POINTER), pointer)
+    with pytest.raises(storage.ModelPointerError, match=reason) as raised:
+        store.current_version("bottle")
+    assert storage.CURRENT_POINTER in str(raised.value) and "bottle" in str(raised.value)

@@ -180,6 +180,14 @@ def new_version() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
+# A version is one folder name of the store (new_version() writes such names); a path such as '../..' is refused.
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelPointerError(ValueError):
+    """A category's CURRENT pointer is not a pointer to one of the store's versions."""
+
+
 class ModelStore:
     """Versioned model directories per category under one URL."""
 
@@ -207,11 +215,24 @@ class ModelStore:
         return [c for c in list_dirs(self.url) if exists(join(self.url, c, CURRENT_POINTER))]
 
     def current_version(self, category: str) -> str | None:
+        """The version the category's pointer names; None without a pointer.
+
+        A pointer that cannot be read as one (truncated, hand-edited, naming a
+        path outside the store) raises :class:`ModelPointerError` naming its
+        URL: that category cannot be scored, the others can.
+        """
+        url = join(self.url, category, CURRENT_POINTER)
         try:
-            pointer = json.loads(read_bytes(join(self.url, category, CURRENT_POINTER)))
+            raw = read_bytes(url)
         except FileNotFoundError:
             return None
-        return pointer["version"]
+        try:
+            version = json.loads(raw)["version"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelPointerError(f"{redact(url)} is not a model pointer ({type(exc).__name__}: {exc})") from None
+        if not isinstance(version, str) or _VERSION_RE.match(version) is None or ".." in version:
+            raise ModelPointerError(f"{redact(url)} names version {version!r}, not a version folder of the store")
+        return version
 
     def fetch(self, category: str, version: str | None = None, cache_dir: str | Path | None = None) -> tuple[Path, str]:
         """A local directory holding the model (downloaded once per version)."""

@@ -207,7 +207,11 @@ class UFlowDetector(nn.Module):
         if not weights.is_file():
             raise ModelFormatError(f"{directory}: missing {WEIGHTS_FILE}")
         try:
-            detector.flow.load_state_dict(load_file(str(weights)), strict=True)
+            state = load_file(str(weights))
+        except Exception as exc:  # safetensors has its own error type for truncated or foreign files
+            raise ModelFormatError(f"{weights} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        try:
+            detector.flow.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ModelFormatError(f"{weights} does not fit the configured flow: {exc}") from exc
         detector.manifest = manifest
@@ -218,9 +222,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise ModelFormatError(f"{directory} is not a model directory: no {MANIFEST_FILE}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ModelFormatError(f"{path}: manifest format {manifest.get('format')!r}, this version reads {MANIFEST_FORMAT}")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelFormatError(f"{path} is not a JSON manifest: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ModelFormatError(f"{path}: manifest format {found!r}, this version reads {MANIFEST_FORMAT}")
     return manifest
 
 

@@ -67,7 +67,12 @@ def resolve_models(models_url: str, categories: Iterable[str]) -> ModelIndex:
     store = storage.ModelStore(models_url)
     index = ModelIndex()
     for category in sorted(set(categories)):
-        version = store.current_version(category)
+        try:
+            version = store.current_version(category)
+        except storage.ModelPointerError as exc:
+            index.versions[category] = None
+            index.unusable[category] = f"the model of category {category!r} cannot be found: {exc}"
+            continue
         index.versions[category] = version
         if version is None:
             continue
