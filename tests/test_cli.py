@@ -67,6 +67,16 @@ def test_bad_configuration_exits_2_and_failed_work_exits_1(tmp_path):
     assert attempts.returncode == 2 and "attempts per category must be an integer >= 1" in attempts.stderr
 
 
+def test_what_the_operator_asked_for_that_does_not_exist_exits_2(tmp_path):
+    spec = uflow("run-job", str(tmp_path / "nightly.yaml"))
+    assert spec.returncode == 2 and "nightly.yaml does not exist" in spec.stderr
+    query = uflow("query", "defect_rate", "--scores", str(tmp_path))
+    assert query.returncode == 2 and "defect_rate_per_night" in query.stderr, "the known names are listed"
+    scored = uflow("score", "--input", str(tmp_path / "archive"), "--models", str(tmp_path), "--output", str(tmp_path / "out"),
+                   "--dry-run")
+    assert scored.returncode == 2 and "archive does not exist" in scored.stderr
+
+
 def job_spec(tmp_path: Path, archive_root: str, models: str, output: str) -> Path:
     spec = {
         "name": "test-nightly", "schedule": "0 2 * * *", "inputs": [archive_root.rstrip("/") + "/{run_date}/"],

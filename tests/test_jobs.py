@@ -82,8 +82,8 @@ def test_a_spec_is_read_through_fsspec_so_it_can_live_in_object_storage():
     assert load_job_spec(url) == load_job_spec(str(EXAMPLE))
 
 
-def test_a_missing_spec_file_is_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError):
+def test_a_missing_spec_file_is_a_configuration_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_job_spec(str(tmp_path / "nope.yaml"))
 
 
@@ -315,3 +315,12 @@ def test_a_spec_in_s3_loads_like_the_local_one(s3_bucket_url):
     url = storage.join(s3_bucket_url, "jobs", "nightly.yaml")
     storage.write_bytes_atomic(url, EXAMPLE.read_bytes())
     assert load_job_spec(url) == load_job_spec(str(EXAMPLE))
+
+
+def test_a_mistyped_key_is_named_with_the_field_it_most_likely_meant():
+    data = spec_with()
+    data["ouput"] = data.pop("output")
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) 'ouput' \(did you mean 'output'\?\)"):
+        job_spec_from_dict(data)
+    with pytest.raises(ConfigError, match=r"'batchsize' \(did you mean 'batch_size'\?\)"):
+        job_spec_from_dict(spec_with(resources={"batchsize": 4}))

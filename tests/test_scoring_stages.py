@@ -48,6 +48,14 @@ def test_units_are_one_per_category_folder(archive):
     assert [u.category for u in plan_units([archive.root], categories=["fabric"])] == ["fabric"]
 
 
+def test_an_input_that_does_not_exist_or_holds_none_of_the_categories_is_a_configuration_error(archive, tmp_path):
+    with pytest.raises(ConfigError, match="nowhere does not exist"):
+        plan_units([str(tmp_path / "nowhere")])
+    with pytest.raises(ConfigError, match=r"none of the categories \['fabirc'\].*fabric"):
+        plan_units([archive.root], categories=["fabirc"])
+    assert [u.category for u in plan_units([archive.root], categories=["fabric", "gone"])] == ["fabric"]
+
+
 def test_loose_files_under_an_input_root_are_uncategorized(tmp_path):
     (tmp_path / "part").mkdir()
     (tmp_path / "loose.png").write_bytes(b"x")

@@ -441,6 +441,8 @@ def query(name, scores, limit) -> None:
         return
     if not scores:
         raise click.UsageError("--scores is required to run a query")
+    if name not in query_names():
+        raise click.UsageError(f"no query named {name!r}; known: {', '.join(query_names())}")
     table = run_query(name, scores)
     click.echo(table.slice(0, limit).to_pandas().to_string(index=False))
     if table.num_rows > limit:

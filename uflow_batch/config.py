@@ -10,11 +10,13 @@ field, never deep inside a training loop.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import typing
 from dataclasses import dataclass, field
 from datetime import date
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -47,8 +49,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
     """
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    require(not unknown, f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(hints)}")
+    check_known_fields(cls.__name__, data, hints)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint = hints[name]
@@ -62,6 +63,17 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
         return cls(**kwargs)
     except TypeError as exc:  # wrong types that dataclasses cannot coerce
         raise ConfigError(f"{cls.__name__}: {exc}") from exc
+
+
+def check_known_fields(where: str, data: dict[str, Any], known: Iterable[str]) -> None:
+    """Refuse keys that are no field, suggesting the field a typo most likely meant (``ouput`` -> ``output``)."""
+    known = sorted(known)
+    unknown = sorted(set(data) - set(known))
+    if not unknown:
+        return
+    hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(key), known, n=1)) else repr(key)
+             for key in unknown]
+    raise ConfigError(f"{where}: unknown field(s) {', '.join(hints)}; known: {known}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from uflow_batch.config import (
     check_category_source,
     check_epsilon,
     check_false_alarm_rate,
+    check_known_fields,
     from_dict,
     is_int,
     is_number,
@@ -255,11 +256,11 @@ _REQUIRED = ("name", "schedule", "inputs", "models", "output")
 def job_spec_from_dict(data: Any) -> JobSpec:
     """Build and validate a :class:`JobSpec` from parsed YAML/JSON data."""
     require(isinstance(data, dict), f"a job spec must be a mapping of fields, got {type(data).__name__}")
+    check_known_fields("job spec", data, JobSpec.__dataclass_fields__)  # a typo is named before what it leaves missing
     missing = [name for name in _REQUIRED if name not in data]
     require(not missing, f"job spec: missing required field(s) {missing}")
     if isinstance(data.get("resources"), dict):
-        unknown = sorted(set(data["resources"]) - set(ScoringResources.__dataclass_fields__))
-        require(not unknown, f"resources: unknown field(s) {unknown}; known: {sorted(ScoringResources.__dataclass_fields__)}")
+        check_known_fields("resources", data["resources"], ScoringResources.__dataclass_fields__)
     if data.get("resources") is None and "resources" in data:
         data = {k: v for k, v in data.items() if k != "resources"}
     return from_dict(JobSpec, data)
@@ -296,10 +297,14 @@ def parse_job_spec(text: str | bytes, source: str = "<string>") -> JobSpec:
 def load_job_spec(path_or_url: str) -> JobSpec:
     """Read and validate a spec from a path or any fsspec URL (``s3://.../nightly.yaml``).
 
-    A missing file raises FileNotFoundError; anything wrong inside it raises
-    ConfigError naming the field.
+    A missing file, like anything wrong inside it, raises ConfigError (exit
+    code 2): both are mistakes in what the operator asked for.
     """
-    return parse_job_spec(storage.read_bytes(path_or_url), source=path_or_url)
+    try:
+        text = storage.read_bytes(path_or_url)
+    except FileNotFoundError:
+        raise ConfigError(f"job spec {storage.redact(path_or_url)} does not exist") from None
+    return parse_job_spec(text, source=path_or_url)
 
 
 # --- retention -------------------------------------------------------------------------------

@@ -74,9 +74,14 @@ def plan_units(inputs: list[str], category_from: str = "path", manifest: str | N
     if pattern is not None:
         check_category_pattern(pattern)
     units = []
+    folders: set[str] = set()
     for root in dict.fromkeys(url.rstrip("/") for url in inputs):
         fs, path = storage.filesystem(root)
-        entries = storage.with_retries(lambda: fs.ls(path, detail=True), f"list {root}")
+        try:
+            entries = storage.with_retries(lambda: fs.ls(path, detail=True), f"list {root}")
+        except FileNotFoundError:
+            raise ConfigError(f"input {storage.redact(root)} does not exist") from None
+        folders.update(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
         for entry in sorted(entries, key=lambda e: e["name"]):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if entry["type"] != "directory":
@@ -90,6 +95,9 @@ def plan_units(inputs: list[str], category_from: str = "path", manifest: str | N
         if has_loose_files and (categories is None or pattern is not None):
             category = None if pattern is not None else UNCATEGORIZED
             units.append(ListingUnit(unit_key(root + "/*"), root, category, "files", root, pattern))
+    if categories is not None and pattern is None and not folders & set(categories):
+        raise ConfigError(f"none of the categories {sorted(categories)} is a folder of the inputs; "
+                          f"found: {sorted(folders) or 'no folders'}")
     return units
 
 
