@@ -126,3 +126,13 @@ def test_a_job_spec_with_a_mistake_is_refused_before_anything_runs(tmp_path):
     spec.write_text("name: x\nschedule: '0 2 * * *'\ninputs: [a]\nmodels: b\noutput: c\nresourcez: {}\n")
     result = uflow("run-job", str(spec))
     assert result.returncode == 2 and "resourcez" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_resource_request_the_cluster_can_never_satisfy_exits_2_instead_of_waiting(tmp_path):
+    (tmp_path / "archive" / "fabric").mkdir(parents=True)
+    (tmp_path / "archive" / "fabric" / "a.png").write_bytes(b"not looked at")
+    result = uflow("score", "--input", str(tmp_path / "archive"), "--models", str(tmp_path / "models"),
+                   "--output", str(tmp_path / "out"), "--cpus-per-actor", "512")
+    assert result.returncode == 2 and "no node of the Ray cluster has that much" in result.stderr
+    assert not (tmp_path / "out").exists(), "nothing was written"

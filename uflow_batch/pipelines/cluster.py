@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import ray
 
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Forwarded to workers when set in the driver's environment: settings, never secrets.
@@ -44,8 +46,25 @@ def gpus_per_worker(requested: float | None) -> float:
     if requested is None:
         return 1.0 if available > 0 else 0.0
     if requested > 0 and available < requested:
-        raise RuntimeError(f"{requested} GPU requested per worker but the Ray cluster has {available:g}; ask for 0 GPUs to use CPUs")
+        raise ConfigError(f"{requested} GPU requested per worker but the Ray cluster has {available:g}; ask for 0 GPUs to use CPUs")
     return float(requested)
+
+
+def check_fits(what: str, num_cpus: float, num_gpus: float = 0.0) -> None:
+    """Refuse a task or actor no node of the cluster can ever hold: Ray would wait for it forever.
+
+    Each task or actor runs on one node, so the test is per node, not the
+    cluster's total. (An autoscaling cluster that could add a larger node is
+    not consulted: ask for what its current nodes hold, or start one first.)
+    """
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in nodes):
+        return
+    largest = max(nodes, key=lambda r: (r.get("CPU", 0), r.get("GPU", 0)), default={})
+    raise ConfigError(
+        f"{what} asks for {num_cpus:g} CPU and {num_gpus:g} GPU, but no node of the Ray cluster has that much "
+        f"(the largest has {largest.get('CPU', 0):g} CPU and {largest.get('GPU', 0):g} GPU)"
+    )
 
 
 @contextlib.contextmanager

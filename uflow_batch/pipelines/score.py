@@ -33,7 +33,7 @@ from ..config import ScoreRequest
 from ..model.detector import MANIFEST_FILE
 from ..storage import TransientStorageError
 from . import commit
-from .cluster import gpus_per_worker
+from .cluster import check_fits, gpus_per_worker
 from .commit import PartSink
 from .listing import ListingContext, ListingDatasource, iter_unit, plan_request_units
 from .stages import CategoryScorer, fetch_and_decode
@@ -137,6 +137,8 @@ def run_scoring(request: ScoreRequest) -> ScoreSummary:
 
     resources = request.resources
     gpus = gpus_per_worker(resources.gpus_per_actor)
+    check_fits("an inference actor (resources.cpus_per_actor, gpus_per_actor)", resources.cpus_per_actor, gpus)
+    check_fits("a decode task (resources.decode_cpus)", resources.decode_cpus)
     run_id = commit.new_run_id()
     sink = PartSink(request.output, request.rows_per_file, run_id)
     context = ListingContext(request.output, request.run_date, run_id, models.versions, started_at,

@@ -30,7 +30,7 @@ from .. import data
 from ..config import DetectorConfig, TaskResources, TrainConfig
 from ..storage import ModelStore, redact
 from ..train import TrainingDiverged, TrainingError, train_category
-from .cluster import gpus_per_worker
+from .cluster import check_fits, gpus_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def train_all(
     todo = [c for c in categories if c in available]
 
     num_gpus = gpus_per_worker(resources.num_gpus)
+    check_fits("a training task (--num-cpus, --num-gpus)", resources.num_cpus, num_gpus)
     if num_gpus == 0 and train_config.device == "auto":
         train_config = replace(train_config, device="cpu")  # a CPU task must not take a GPU it did not ask for
     task = ray.remote(train_and_publish).options(
