@@ -136,3 +136,13 @@ def test_a_resource_request_the_cluster_can_never_satisfy_exits_2_instead_of_wai
                    "--output", str(tmp_path / "out"), "--cpus-per-actor", "512")
     assert result.returncode == 2 and "no node of the Ray cluster has that much" in result.stderr
     assert not (tmp_path / "out").exists(), "nothing was written"
+
+
+@pytest.mark.slow
+def test_a_model_store_without_any_model_exits_2_and_writes_nothing(tmp_path):
+    (tmp_path / "archive" / "fabric").mkdir(parents=True)
+    (tmp_path / "archive" / "fabric" / "a.png").write_bytes(b"not looked at")
+    result = uflow("score", "--input", str(tmp_path / "archive"), "--models", str(tmp_path / "modles"),
+                   "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "holds no model; is --models right?" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 import ray
 
 from .. import storage
-from ..config import ScoreRequest
+from ..config import ConfigError, ScoreRequest
 from ..model.detector import MANIFEST_FILE
 from ..storage import TransientStorageError
 from . import commit
@@ -139,6 +139,9 @@ def run_scoring(request: ScoreRequest) -> ScoreSummary:
     gpus = gpus_per_worker(resources.gpus_per_actor)
     check_fits("an inference actor (resources.cpus_per_actor, gpus_per_actor)", resources.cpus_per_actor, gpus)
     check_fits("a decode task (resources.decode_cpus)", resources.decode_cpus)
+    if not any(models.versions.values()) and not models.unusable and not storage.ModelStore(request.models).categories():
+        # Every image would become a no_model row: a mistyped --models, not a night's result.
+        raise ConfigError(f"the model store {storage.redact(request.models)} holds no model; is --models right?")
     run_id = commit.new_run_id()
     sink = PartSink(request.output, request.rows_per_file, run_id)
     context = ListingContext(request.output, request.run_date, run_id, models.versions, started_at,
