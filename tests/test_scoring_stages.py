@@ -293,9 +293,13 @@ def test_a_root_given_twice_is_listed_once(archive):
 @pytest.mark.parametrize("change, message", [
     ({"epsilon": -1.0}, "epsilon"), ({"epsilon": 0.0}, "epsilon"), ({"category_from": "folder"}, "category_from"),
     ({"run_date": "2026-13-01"}, "run_date"), ({"categories": ("a/b",)}, "categories"), ({"inputs": ()}, "no inputs"),
+    ({"false_alarm_rate": 1.0}, "false_alarm_rate"), ({"false_alarm_rate": 0.0}, "false_alarm_rate"),
+    ({"inputs": ("s3://AKIAKEY:s3cr3t@bucket/archive",)}, r"inputs\[0\] must not embed credentials"),
+    ({"models": "s3://AKIAKEY:s3cr3t@bucket/models"}, "models must not embed credentials"),
 ])
 def test_a_score_request_is_checked_before_it_runs(change, message):
     base = {"inputs": ("/a",), "models": "/m", "output": "/o", "run_date": RUN_DATE}
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as refused:
         ScoreRequest(**{**base, **change})
+    assert "s3cr3t" not in str(refused.value), "a secret is never echoed"
     assert ScoreRequest(**{**base, "inputs": ("/a", "/a/")}).inputs == ("/a",)

@@ -140,6 +140,15 @@ def check_false_alarm_rate(rate: Any, name: str = "false_alarm_rate") -> None:
             f"{name} must be a fraction of good images in (0, 1), e.g. 0.01 (or null to keep each model's), got {rate!r}")
 
 
+_USERINFO_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@")
+
+
+def check_no_credentials(name: str, url: str) -> None:
+    """A URL must not carry a key and secret (``s3://KEY:SECRET@bucket``): they would reach logs and errors."""
+    require(not _USERINFO_RE.match(url),
+            f"{name} must not embed credentials in the URL; use the cloud role (IRSA, instance profile)")
+
+
 def check_epsilon(epsilon: Any, name: str = "epsilon") -> None:
     require(epsilon is None or (is_number(epsilon) and epsilon > 0),
             f"{name} must be a number > 0 (or null to keep each model's), got {epsilon!r}")
@@ -365,6 +374,11 @@ class ScoreRequest:
         require(bool(inputs) or self.category_from == "manifest", "no inputs to score")
         for name in ("models", "output"):
             require(isinstance(getattr(self, name), str) and getattr(self, name) != "", f"{name} must be a URL or path")
+            check_no_credentials(name, getattr(self, name))
+        for i, url in enumerate(inputs):
+            check_no_credentials(f"inputs[{i}]", url)
+        if self.manifest is not None:
+            check_no_credentials("manifest", self.manifest)
         if self.categories is not None:
             object.__setattr__(self, "categories", tuple(self.categories))
             check_categories(self.categories)

@@ -35,6 +35,7 @@ from uflow_batch.config import (
     check_epsilon,
     check_false_alarm_rate,
     check_known_fields,
+    check_no_credentials,
     from_dict,
     is_int,
     is_number,
@@ -53,7 +54,6 @@ CATEGORY_PARTITION, RUN_DATE_PARTITION = PARTITION_COLUMNS
 # names and label values at 63 characters, so the spec name stays short.
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
-_USERINFO_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@")
 _RAY_ADDRESS_RE = re.compile(r"^(auto|local|ray://\S+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
 
 
@@ -130,8 +130,7 @@ def _check_cron_field(part: str, name: str, low: int, high: int, names: dict[str
 
 def _check_url(name: str, value: Any, placeholder_ok: bool) -> None:
     require(isinstance(value, str) and value.strip() != "", f"{name} must be a non-empty URL or path, got {value!r}")
-    require(not _USERINFO_RE.match(value),
-             f"{name} must not embed credentials in the URL; use the cloud role (IRSA, instance profile)")
+    check_no_credentials(name, value)
     placeholders = _PLACEHOLDER_RE.findall(value)
     if not placeholder_ok:
         require(not placeholders,
