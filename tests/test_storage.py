@@ -96,7 +96,7 @@ def test_a_published_model_is_current_and_fetched_file_for_file(root_url: str, t
     assert store.categories() == ["bottle"]
     local, fetched_version = store.fetch("bottle", cache_dir=tmp_path / "cache")
     assert fetched_version == version
-    assert {p.name: p.read_bytes() for p in local.iterdir() if not p.name.startswith(".")} == {
+    assert {p.name: p.read_bytes() for p in local.iterdir() if not p.name.startswith(".") and p.name != storage.CHECKSUMS_FILE} == {
         p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()
     }
 
@@ -312,3 +312,30 @@ def test_a_corrupt_current_pointer_is_an_error_that_names_its_file(root_url: str
     with pytest.raises(storage.ModelPointerError, match=reason) as raised:
         store.current_version("bottle")
     assert storage.CURRENT_POINTER in str(raised.value) and "bottle" in str(raised.value)
+
+
+def test_a_cached_model_whose_files_changed_is_downloaded_again(s3_bucket_url: str, tmp_path: Path) -> None:
+    store = ModelStore(storage.join(s3_bucket_url, "models"))
+    store.publish(saved_model(tmp_path / "model", "v"), "bottle")
+    cache = tmp_path / "cache"
+    local, _ = store.fetch("bottle", cache_dir=cache)
+    (local / "weights.bin").write_bytes(b"planted")  # what a planted or damaged cache holds
+    again, _ = store.fetch("bottle", cache_dir=cache)
+    assert (again / "weights.bin").read_bytes() == (tmp_path / "model" / "weights.bin").read_bytes()
+
+
+def test_a_download_that_is_not_what_was_published_is_refused(s3_bucket_url: str, tmp_path: Path) -> None:
+    store = ModelStore(storage.join(s3_bucket_url, "models"))
+    version = store.publish(saved_model(tmp_path / "model", "v"), "bottle")
+    other_client().pipe_file(storage.join(store.version_url("bottle", version), "weights.bin"), b"swapped")
+    with pytest.raises(storage.ModelIntegrityError, match="weights.bin is not the file published"):
+        store.fetch("bottle", cache_dir=tmp_path / "cache")
+
+
+def test_the_default_model_cache_is_private_to_the_user(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = storage.private_cache_dir()
+    assert cache.is_relative_to(tmp_path / "xdg") and cache.stat().st_mode & 0o077 == 0
+    cache.chmod(0o777)
+    with pytest.raises(PermissionError, match="writable by others"):
+        storage.private_cache_dir()

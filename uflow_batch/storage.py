@@ -12,6 +12,7 @@ complete, so a scorer that follows the pointer never sees a half-written model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -188,6 +189,41 @@ class ModelPointerError(ValueError):
     """A category's CURRENT pointer is not a pointer to one of the store's versions."""
 
 
+class ModelIntegrityError(ValueError):
+    """A model file's bytes are not the ones its version was published with."""
+
+
+CHECKSUMS_FILE = "CHECKSUMS.json"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def private_cache_dir() -> Path:
+    """This user's model cache: ~/.cache/uflow-batch/models (or under $XDG_CACHE_HOME), mode 0700.
+
+    A cache in a shared, predictable place would let anyone plant a model
+    there; one that another user can write is refused rather than trusted.
+    """
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uflow-batch" / "models"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = base.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise PermissionError(f"model cache {base} is writable by others or not this user's; refusing to trust it")
+    return base
+
+
+def _holds_what_it_was_published_with(directory: Path) -> bool:
+    """Every file of a cached version matches the checksums it was downloaded with (none recorded: not trusted)."""
+    index = directory / CHECKSUMS_FILE
+    if not index.is_file():
+        return False
+    checksums = json.loads(index.read_text())
+    return all((directory / name).is_file() and _sha256((directory / name).read_bytes()) == digest
+               for name, digest in checksums.items())
+
+
 class ModelStore:
     """Versioned model directories per category under one URL."""
 
@@ -201,9 +237,14 @@ class ModelStore:
         """Upload a saved model, then move the category's pointer to it."""
         version = version or new_version()
         target = self.version_url(category, version)
+        checksums = {}
         for file in sorted(Path(local_dir).iterdir()):
-            if file.is_file():
-                write_bytes_atomic(join(target, file.name), file.read_bytes())
+            if file.is_file() and file.name != CHECKSUMS_FILE:
+                data = file.read_bytes()
+                write_bytes_atomic(join(target, file.name), data)
+                checksums[file.name] = _sha256(data)
+        # Written after the files and before the pointer: a reader checks what it downloads against it.
+        write_bytes_atomic(join(target, CHECKSUMS_FILE), json.dumps(checksums, indent=1, sort_keys=True).encode())
         pointer = {"version": version, "published_at": datetime.now(timezone.utc).isoformat()}
         write_bytes_atomic(join(self.url, category, CURRENT_POINTER), json.dumps(pointer).encode())
         log.info("published %s/%s", category, version)
@@ -242,18 +283,27 @@ class ModelStore:
         source = self.version_url(category, version)
         if is_local(source):
             return Path(filesystem(source)[1]), version
-        cache = Path(cache_dir or Path(tempfile.gettempdir()) / "uflow-batch-models") / category / version
-        if not (cache / ".complete").exists():
-            staging = cache.with_name(f".{version}.{uuid.uuid4().hex[:6]}")
-            staging.mkdir(parents=True)
-            fs, path = filesystem(source)
-            for info in with_retries(lambda: fs.ls(path, detail=True), f"list {source}"):
-                if info["type"] == "file":
-                    name = info["name"].rsplit("/", 1)[-1]
-                    (staging / name).write_bytes(read_bytes(full_url(fs, info["name"])))
-            (staging / ".complete").touch()
-            try:
-                staging.rename(cache)
-            except OSError:  # another process finished the same download first
+        cache = Path(cache_dir or private_cache_dir()) / category / version
+        if (cache / ".complete").exists() and _holds_what_it_was_published_with(cache):
+            return cache, version
+        staging = cache.with_name(f".{version}.{uuid.uuid4().hex[:6]}")
+        staging.mkdir(parents=True)
+        fs, path = filesystem(source)
+        files = {
+            info["name"].rsplit("/", 1)[-1]: read_bytes(full_url(fs, info["name"]))
+            for info in with_retries(lambda: fs.ls(path, detail=True), f"list {source}") if info["type"] == "file"
+        }
+        checksums = json.loads(files[CHECKSUMS_FILE]) if CHECKSUMS_FILE in files else None
+        for name, data in files.items():
+            if checksums is not None and name != CHECKSUMS_FILE and checksums.get(name) != _sha256(data):
                 shutil.rmtree(staging, ignore_errors=True)
+                raise ModelIntegrityError(f"{redact(join(source, name))} is not the file published as {category}/{version}")
+            (staging / name).write_bytes(data)
+        (staging / ".complete").touch()
+        if cache.exists():  # a copy that no longer checks out: replaced, never trusted
+            shutil.rmtree(cache, ignore_errors=True)
+        try:
+            staging.rename(cache)
+        except OSError:  # another process finished the same download first
+            shutil.rmtree(staging, ignore_errors=True)
         return cache, version

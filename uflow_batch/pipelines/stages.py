@@ -131,7 +131,7 @@ class CategoryScorer:
     def _score_group(self, category: str, version: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         try:
             detector = self.detector(category, version)
-        except (ModelFormatError, ConfigError, BackboneWeightsError) as exc:  # an unusable model: every image says so
+        except (ModelFormatError, ConfigError, BackboneWeightsError, storage.ModelIntegrityError) as exc:  # unusable: every image says so
             message = f"model {category}/{version} cannot be used: {type(exc).__name__}: {exc}"
             return [_error_row(i, "inference_error", message) for i in items]
         except Exception as exc:  # noqa: BLE001 - fetching it failed: retry the task rather than commit errors
