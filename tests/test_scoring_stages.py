@@ -56,6 +56,17 @@ def test_an_input_that_does_not_exist_or_holds_none_of_the_categories_is_a_confi
     assert [u.category for u in plan_units([archive.root], categories=["fabric", "gone"])] == ["fabric"]
 
 
+def test_a_folder_name_that_cannot_be_a_partition_value_is_filed_as_uncategorized(tmp_path):
+    for folder in ("lot=42", "fabric", ".hidden", "a b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes(b"x")
+    units = plan_units([str(tmp_path)])
+    assert sorted(u.category for u in units) == ["fabric", UNCATEGORIZED, UNCATEGORIZED, UNCATEGORIZED]
+    later = datetime.now(timezone.utc) + timedelta(seconds=5)
+    rows = [row for unit in units if unit.category == UNCATEGORIZED for row in iter_unit(unit, later)]
+    assert any("lot=42" in row["image_uri"] for row in rows), "the raw name stays in image_uri"
+
+
 def test_loose_files_under_an_input_root_are_uncategorized(tmp_path):
     (tmp_path / "part").mkdir()
     (tmp_path / "loose.png").write_bytes(b"x")

@@ -38,6 +38,16 @@ log = logging.getLogger(__name__)
 
 UNCATEGORIZED = "uncategorized"
 
+
+def partition_category(name: str | None) -> str:
+    """The category an object is filed under: its name when it can be a hive partition value, else UNCATEGORIZED.
+
+    Every way of naming a category (folder, pattern) goes through here: a
+    folder like ``lot=42`` would become ``category=lot=42/`` and break every
+    reader of the dataset. Its images keep their full path in ``image_uri``.
+    """
+    return name if name is not None and is_category_name(name) else UNCATEGORIZED
+
 @dataclass(frozen=True)
 class ListingUnit:
     key: str
@@ -90,7 +100,7 @@ def plan_units(inputs: list[str], category_from: str = "path", manifest: str | N
             if pattern is not None:
                 units.append(ListingUnit(unit_key(location), location, None, "prefix", root, pattern))
             elif categories is None or name in categories:
-                units.append(ListingUnit(unit_key(location), location, name, "prefix", root))
+                units.append(ListingUnit(unit_key(location), location, partition_category(name), "prefix", root))
         has_loose_files = any(e["type"] == "file" and is_image_name(e["name"]) for e in entries)
         if has_loose_files and (categories is None or pattern is not None):
             category = None if pattern is not None else UNCATEGORIZED
@@ -186,7 +196,7 @@ def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | N
         category = unit.category
         if pattern is not None:
             match = pattern.search(_relative(url, unit.root))
-            category = match.group("category") if match and is_category_name(match.group("category")) else UNCATEGORIZED
+            category = partition_category(match.group("category") if match else None)
             if categories is not None and category not in categories:
                 continue
         yield object_row(url, info, category)
