@@ -9,12 +9,13 @@ coarser scales are not tested at all.
 Here the statistic keeps the magnitudes. For scale l, window side w and the
 w x w block at each position (valid positions only, so every test sees a
 full block), S = sum of z^2 over the block's w^2 * C_l values. Under the
-background model (a normal image) S / s follows chi-square(k), where
-(s, k) = (1, w^2 C_l) for latents that are exactly N(0, I) and a *fitted*
-scale and shape for a real flow on real normal images (:mod:`.calibration`):
-flows are over-dispersed on images they did not train on and neighbouring
-latents are correlated, both of which a scaled chi-square with fewer degrees
-of freedom absorbs. Window 1 lets a single extreme cell fire; windows 3 and 5
+background model (a normal image) S / s follows chi-square(k), with
+(s, k) = (1, w^2 C_l) for latents that are exactly N(0, I). For a real flow
+on real normal images the law is *fitted* on held-out normal images
+(:mod:`.calibration`): a scaled chi-square with fewer degrees of freedom for
+the bulk (flows are over-dispersed on images they did not train on, and
+neighbouring latents are correlated) and a generalized Pareto tail where the
+samples allow one. Window 1 lets a single extreme cell fire; windows 3 and 5
 let a faint defect spread over a block add up.
 
 Every test is counted: N = sum over scales and windows of the valid
@@ -24,10 +25,10 @@ uses the smallest NFA over all tests, so the expected number of false
 detections per normal image is at most epsilon, and so is the probability of
 flagging a normal image.
 
-The tail is exact: the regularized upper incomplete gamma Q(k/2, S/(2s)) in
-float64 on the model's device (``torch.special.gammaincc``); where it
-underflows (below 1e-280) its asymptotic expansion takes over, so -log10 NFA
-stays finite and ordered for arbitrarily strong defects.
+The chi-square tail is exact: the regularized upper incomplete gamma
+Q(k/2, S/(2s)) in float64 on the model's device (``torch.special.gammaincc``);
+where it underflows (below 1e-280) its asymptotic expansion takes over, so
+-log10 NFA stays finite and ordered for arbitrarily strong defects.
 """
 
 from __future__ import annotations
