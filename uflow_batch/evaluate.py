@@ -145,7 +145,7 @@ class _ScoredImage:
     anomaly: np.ndarray
     nfa_mask: np.ndarray
     truth: np.ndarray
-    nfa_maps: NFAMaps  # the verdict's maps at input size, for counting false detections on good images
+    nfa_maps: NFAMaps | None  # the verdict's maps at input size, kept for good images to count false detections
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -182,7 +182,7 @@ def score_test_split(
             elif item.is_anomalous:
                 log.warning("%s has no ground-truth mask; its pixels count as normal", item.url)
             scored.append(_ScoredImage(item, result.image_score, result.max_neg_log10_nfa, result.is_anomalous, amap,
-                                       result.mask, truth, _image_maps(maps, index)))
+                                       result.mask, truth, None if item.is_anomalous else _image_maps(maps, index)))
             if on_image:
                 on_image(len(scored), len(items))
     return scored, seconds
@@ -220,7 +220,7 @@ def evaluate_detector(
 
     flagged = np.array([s.flagged for s in scored])
     false_alarms_good = float(flagged[~labels].mean()) if (~labels).any() else float("nan")
-    good_maps = [s.nfa_maps for s in scored if not s.item.is_anomalous]
+    good_maps = [s.nfa_maps for s in scored if s.nfa_maps is not None]
     curve = false_alarms(good_maps, REPORT_EPSILONS) if good_maps else None
     oracle_masks = [s.anomaly >= oracle_threshold for s in scored]
     fair_masks = [s.anomaly >= fair_threshold for s in scored] if np.isfinite(fair_threshold) else None
