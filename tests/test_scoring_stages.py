@@ -54,6 +54,9 @@ def test_an_input_that_does_not_exist_or_holds_none_of_the_categories_is_a_confi
     with pytest.raises(ConfigError, match=r"none of the categories \['fabirc'\].*fabric"):
         plan_units([archive.root], categories=["fabirc"])
     assert [u.category for u in plan_units([archive.root], categories=["fabric", "gone"])] == ["fabric"]
+    image = next(Path(archive.root, "fabric").glob("*.png"))
+    with pytest.raises(ConfigError, match="is a file; give the archive folder"):
+        plan_units([str(image)])
 
 
 def test_a_folder_name_that_cannot_be_a_partition_value_is_filed_as_uncategorized(tmp_path):

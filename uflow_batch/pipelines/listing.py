@@ -91,6 +91,8 @@ def plan_units(inputs: list[str], category_from: str = "path", manifest: str | N
             entries = storage.with_retries(lambda: fs.ls(path, detail=True), f"list {root}")
         except FileNotFoundError:
             raise ConfigError(f"input {storage.redact(root)} does not exist") from None
+        if len(entries) == 1 and entries[0]["type"] == "file" and entries[0]["name"].rstrip("/") == path.rstrip("/"):
+            raise ConfigError(f"input {storage.redact(root)} is a file; give the archive folder (<root>/<category>/<image>)")
         folders.update(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
         for entry in sorted(entries, key=lambda e: e["name"]):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
