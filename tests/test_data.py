@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import torch
+
 from shared_data import MTD, require_mtd
 from uflow_batch import data
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
@@ -111,3 +119,55 @@ def test_a_category_without_training_images_is_a_clear_error(tmp_path):
         data.train_images(str(tmp_path), "part")
     with pytest.raises(data.DatasetLayoutError, match="does not exist"):
         data.discover_categories(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16", "P"])
+def test_an_image_near_the_input_size_is_resized_exactly_as_before(mode):
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 65535 if mode == "I;16" else 255, size=(300, 400), dtype=np.uint16 if mode == "I;16" else np.uint8)
+    image = Image.fromarray(pixels) if mode != "RGB" else Image.fromarray(np.stack([pixels] * 3, axis=2).astype(np.uint8))
+    if mode == "P":
+        image = image.convert("P")
+    raw = _png_bytes(image)
+    resized, original = data.decode_for_model(raw, (256, 256))
+    assert original == (300, 400)
+    assert torch.equal(resized, data.resize_to_model(data.decode_image(raw), (256, 256)))
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "P"])
+def test_a_much_larger_image_is_reduced_first_and_looks_the_same_to_the_model(mode):
+    y, x = np.mgrid[0:2048, 0:3072]
+    smooth = (127 + 100 * np.sin(x / 97.0) * np.cos(y / 61.0))
+    image = Image.fromarray((smooth * 257).astype(np.uint16)) if mode == "I;16" else Image.fromarray(smooth.astype(np.uint8))
+    if mode == "P":
+        image = image.convert("P")
+    raw = _png_bytes(image)
+    resized, original = data.decode_for_model(raw, (256, 256))
+    assert original == (2048, 3072)
+    direct = data.resize_to_model(data.decode_image(raw), (256, 256))
+    assert (resized.int() - direct.int()).abs().max() <= 3, "the box pre-reduction changes at most a few grey levels"
+
+
+def test_decoding_a_large_image_for_the_model_costs_about_what_its_pixels_weigh(tmp_path):
+    import subprocess
+    import sys
+
+    height, width = 6000, 8000  # 48 MP, 16-bit: a few hundred KB on disk, 96 MB of pixels
+    path = tmp_path / "big16.png"
+    Image.fromarray(np.zeros((height, width), dtype=np.uint16)).save(path)
+    probe = (
+        "import resource, sys, torch; from uflow_batch import data; raw = open(sys.argv[1], 'rb').read();"
+        "how = sys.argv[2];"
+        "how == 'bounded' and data.decode_for_model(raw, (256, 256));"
+        "how == 'direct' and data.resize_to_model(data.decode_image(raw), (256, 256));"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+
+    def peak_kib(how: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", probe, str(path), how], capture_output=True, text=True, check=True).stdout)
+
+    baseline = peak_kib("nothing")  # the imports alone
+    pixels_kib = height * width * 2 / 1024
+    bounded, direct = peak_kib("bounded") - baseline, peak_kib("direct") - baseline
+    assert bounded < 4 * pixels_kib, (bounded, direct)  # the 16-bit decode, its 32-bit copy, and little else
+    assert direct > 4 * pixels_kib, (bounded, direct)  # what the direct path costs, so this test can fail

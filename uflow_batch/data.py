@@ -51,6 +51,44 @@ def is_image_name(name: str) -> bool:
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> uint8 RGB array (height, width, 3)."""
+    return to_rgb8(open_image(data, max_pixels))
+
+
+def decode_for_model(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Bytes -> (uint8 (3, h, w) at the model's input size, the original (height, width)).
+
+    An image at least four times the input size on both sides is first
+    box-reduced in its own mode, so a 64-megapixel file costs about what its
+    decoded pixels weigh (1-4 bytes each), not the RGB, float64 and float32
+    copies a direct resize makes (about 20 bytes each). Images closer to the
+    input size are resized exactly as :func:`resize_to_model` does.
+    """
+    image = open_image(data, max_pixels)
+    original = (image.height, image.width)
+    image, full_scale = _reduced(image, size)
+    return resize_to_model(to_rgb8(image, full_scale), size), original
+
+
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _reduced(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, float | None]:
+    """Box-reduce by an integer factor leaving at least twice the input size; the white level is read first."""
+    factor = min(image.width // size[1], image.height // size[0]) // 2
+    if factor < 2:
+        return image, None
+    full_scale = None
+    if image.mode in _HIGH_DEPTH:
+        full_scale = _full_scale(image.mode, np.array([image.getextrema()[1]], dtype=np.float64))
+        if image.mode.startswith("I;16"):
+            image = image.convert("I")  # Pillow reduces 32-bit integers, not 16-bit ones
+    elif image.mode in ("1", "P"):
+        image = image.convert("L" if image.mode == "1" else "RGBA")
+    return image.reduce(factor), full_scale
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> a loaded Pillow image, refused with an ImageDecodeError that says why when unusable."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -73,7 +111,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
     if width == 0 or height == 0:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
-    return to_rgb8(image)
+    return image
 
 
 def _full_scale(mode: str, values: np.ndarray) -> float:
@@ -90,11 +128,15 @@ def _full_scale(mode: str, values: np.ndarray) -> float:
     return 255.0 if peak <= 255 else 65535.0
 
 
-def to_rgb8(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> uint8 RGB. Alpha is dropped; high bit depths are scaled, not clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+def to_rgb8(image: Image.Image, full_scale: float | None = None) -> np.ndarray:
+    """Any Pillow mode -> uint8 RGB. Alpha is dropped; high bit depths are scaled, not clipped.
+
+    ``full_scale`` is the white level when it was read before a reduction (see :func:`decode_for_model`).
+    """
+    if image.mode in _HIGH_DEPTH:
         values = np.asarray(image, dtype=np.float64)
-        gray = np.clip(np.rint(values / _full_scale(image.mode, values) * 255.0), 0, 255).astype(np.uint8)
+        scale = full_scale if full_scale is not None else _full_scale(image.mode, values)
+        gray = np.clip(np.rint(values / scale * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "P":
         image = image.convert("RGBA")

@@ -163,9 +163,9 @@ def score_test_split(
     """
     scored, seconds = [], 0.0
     for batch in _batches(items, batch_size):
-        arrays = [data.decode_image(storage.read_bytes(item.url)) for item in batch]
-        sizes = [a.shape[:2] for a in arrays]
-        images = torch.stack([data.resize_to_model(a, detector.input_size) for a in arrays])
+        decoded = [data.decode_for_model(storage.read_bytes(item.url), detector.input_size) for item in batch]
+        sizes = [size for _, size in decoded]
+        images = torch.stack([image for image, _ in decoded])
         started = time.perf_counter()
         maps = detector.score_maps(images)
         results = detector.results(maps, sizes)

@@ -88,7 +88,7 @@ def load_images(urls: list[str], size: tuple[int, int], skip_corrupt: bool) -> t
         fingerprint.update(url.rsplit("/", 1)[-1].encode())
         fingerprint.update(hashlib.sha256(raw).digest())
         try:
-            images.append(data.resize_to_model(data.decode_image(raw), size))
+            images.append(data.decode_for_model(raw, size)[0])
         except data.ImageDecodeError as exc:
             if not skip_corrupt:
                 raise TrainingError(f"training image {url} cannot be used: {exc} (pass --skip-corrupt to skip such images)") from exc

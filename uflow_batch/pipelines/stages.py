@@ -74,12 +74,12 @@ def _fetch_one(item: dict[str, Any], input_sizes: dict[str, tuple[int, int]], un
     if decoded["object_size"] is None:
         decoded["object_size"] = len(raw)
     try:
-        image = data.decode_image(raw)
-        pixels = data.resize_to_model(image, input_sizes[category]).numpy().tobytes()
+        resized, (height, width) = data.decode_for_model(raw, input_sizes[category])
+        pixels = resized.numpy().tobytes()
     except Exception as exc:  # noqa: BLE001 - whatever these bytes do to a decoder, it is this image's row
         message = str(exc) if isinstance(exc, data.ImageDecodeError) else f"{type(exc).__name__}: {exc}"
         return {**decoded, "error": "decode_error", "error_message": message}
-    return {**decoded, "height": image.shape[0], "width": image.shape[1], "pixels": pixels}
+    return {**decoded, "height": height, "width": width, "pixels": pixels}
 
 
 class CategoryScorer:
