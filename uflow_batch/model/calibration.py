@@ -45,13 +45,16 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scipy import ndimage, stats
 
 from .anomaly import NFAMaps
+
+if TYPE_CHECKING:  # the test imports this module for its background model
+    from .scan_nfa import ScanNFA
 
 # 8-connectivity, as the regions of a mask.
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
@@ -297,13 +300,13 @@ def _per_image(maps: Sequence[NFAMaps], log10_factor: float) -> list[tuple[np.nd
     ]
 
 
-def fit_background(test: Any, latent_batches: Iterable[Sequence[torch.Tensor]]) -> Calibration:
+def fit_background(test: ScanNFA, latent_batches: Iterable[Sequence[torch.Tensor]]) -> Calibration:
     """Fit the scan test's background on held-out normal latents, correct it, and measure it.
 
     The fit is made twice: the images that the correction tolerates as
     atypical (see :func:`correction`) are left out of the second one, so
     one odd part does not give every test a tail so heavy it sees nothing.
-    ``test`` is a :class:`~.scan_nfa.ScanNFA`; its calibration is replaced.
+    The test's calibration is replaced.
     """
     batches = [list(b) for b in latent_batches]
     statistics = {key: torch.cat([values[key] for values in map(test.statistics, batches)]) for key in test.tests}
@@ -321,7 +324,7 @@ def fit_background(test: Any, latent_batches: Iterable[Sequence[torch.Tensor]]) 
     return test.calibration
 
 
-def family_corrections(test: Any, statistics: dict[tuple[int, int], torch.Tensor], n_images: int) -> Calibration:
+def family_corrections(test: ScanNFA, statistics: dict[tuple[int, int], torch.Tensor], n_images: int) -> Calibration:
     """Give each (scale, window) family the factor that keeps its own held-out false alarms at the measurable level.
 
     Families are not equally well fitted: a coarse grid gives a few hundred
@@ -361,7 +364,7 @@ def tolerated_images(n_images: int, epsilons: Sequence[float] = CORRECTION_EPSIL
     return 0 if smallest is None else int(math.floor(smallest * n_images + 1e-9))
 
 
-def _fitted(test: Any, statistics: dict[tuple[int, int], torch.Tensor], n_images: int) -> Calibration:
+def _fitted(test: ScanNFA, statistics: dict[tuple[int, int], torch.Tensor], n_images: int) -> Calibration:
     theory = theoretical_calibration(test.latent_shapes, test.config.scan_windows)
     fits = dict(theory.fits)  # tests skipped on small grids keep the theory
     for (scale, window), values in statistics.items():

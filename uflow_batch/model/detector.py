@@ -95,8 +95,7 @@ class UFlowDetector(nn.Module):
             self.latents([f[start : start + batch_size] for f in features])[0]
             for start in range(0, len(features[0]), batch_size)
         ]
-        calibration = self.nfa.calibrate(batches)
-        return calibration
+        return self.nfa.calibrate(batches)
 
     @property
     def input_size(self) -> tuple[int, int]:
