@@ -142,9 +142,10 @@ class ScanNFA(nn.Module):
         finest = statistics[0, 1]
         size = finest.shape[-2:]
         floor = math.log10(NFA_CEILING) - offset
-        fine_deviates = self.deviates(finest, 0)[:, None]
+        scales = sorted({s for s, _ in self.tests})
+        deviates = {scale: self.deviates(statistics[scale, 1], scale)[:, None] for scale in scales}
         best = torch.full_like(finest[:, None], floor)
-        for scale in sorted({s for s, _ in self.tests}):
+        for scale in scales:
             per_scale = None
             for window in (w for s, w in self.tests if s == scale):
                 values = log10_p[scale, window][:, None]
@@ -152,8 +153,10 @@ class ScanNFA(nn.Module):
                     pad = window // 2
                     values = -F.max_pool2d(F.pad(-values, (pad,) * 4, value=-math.inf), window, stride=1, padding=pad)
                 per_scale = values if per_scale is None else torch.minimum(per_scale, values)
-            per_scale = torch.where(self.deviates(statistics[scale, 1], scale)[:, None], per_scale, torch.full_like(per_scale, floor))
+            per_scale = torch.where(deviates[scale], per_scale, torch.full_like(per_scale, floor))
             if per_scale.shape[-2:] != size:
                 per_scale = F.interpolate(per_scale, size=size, mode="nearest")
-            best = torch.minimum(best, torch.where(fine_deviates, per_scale, torch.full_like(per_scale, floor)))
+            best = torch.minimum(best, per_scale)
+        # Every value is at most the floor, so the finest-scale gate applies once to the minimum over scales.
+        best = torch.where(deviates[0], best, torch.full_like(best, floor))
         return best[:, 0] + offset
