@@ -93,8 +93,8 @@ def check_category_pattern(pattern: str) -> re.Pattern:
 
 
 _RUN_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-# A category becomes a directory name (category=<name>) in the output: keep it to safe characters.
-_CATEGORY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Categories and model versions become directory names (category=<name>, <store>/<category>/<version>).
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 CATEGORY_SOURCES = ("path", "manifest")
 
 
@@ -110,8 +110,13 @@ def validate_run_date(run_date: Any) -> str:
     return run_date
 
 
+def is_safe_name(name: Any) -> bool:
+    """One folder name, never a path: letters, digits, '.', '_', '-', starting with a letter or digit, no '..'."""
+    return isinstance(name, str) and _SAFE_NAME_RE.match(name) is not None and ".." not in name
+
+
 def is_category_name(name: Any) -> bool:
-    return isinstance(name, str) and _CATEGORY_RE.match(name) is not None and ".." not in name
+    return is_safe_name(name)
 
 
 def check_categories(categories: Any) -> None:

@@ -29,6 +29,8 @@ from typing import TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .config import is_safe_name
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -181,10 +183,6 @@ def new_version() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-# A version is one folder name of the store (new_version() writes such names); a path such as '../..' is refused.
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
 class ModelPointerError(ValueError):
     """A category's CURRENT pointer is not a pointer to one of the store's versions."""
 
@@ -271,7 +269,7 @@ class ModelStore:
             version = json.loads(raw)["version"]
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelPointerError(f"{redact(url)} is not a model pointer ({type(exc).__name__}: {exc})") from None
-        if not isinstance(version, str) or _VERSION_RE.match(version) is None or ".." in version:
+        if not is_safe_name(version):  # one folder of the store, never a path
             raise ModelPointerError(f"{redact(url)} names version {version!r}, not a version folder of the store")
         return version
 
