@@ -76,7 +76,7 @@ def test_recalibration_rebuilds_the_same_held_out_split(trained, tiny_root, tmp_
     shutil.copytree(out, copy)
     before = json.loads((copy / MANIFEST_FILE).read_text())["calibration"]
     assert recalibrate(copy, str(tiny_root)) == Calibration.from_dict(before)
-    block = recalibrate(copy, str(tiny_root), nfa=NFAConfig(test="block"))
+    block = recalibrate(copy, str(tiny_root), test="block")
     assert block.fits == {} and UFlowDetector.load(copy).config.nfa.test == "block"
     with pytest.raises(TrainingError, match="not the data"):
         recalibrate(copy, str(make_tiny_mvtec(tmp_path / "other", n_train=11)))

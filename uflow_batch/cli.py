@@ -397,14 +397,10 @@ def calibrate(model_dirs, data, nfa_test, device) -> None:
     Models saved before the scan test existed keep the paper's block test
     until they are calibrated with --nfa-test scan.
     """
-    from .model.detector import read_manifest
     from .train import recalibrate
 
     for model_dir in model_dirs:
-        nfa = None
-        if nfa_test:
-            nfa = NFAConfig(**{**read_manifest(model_dir)["config"]["nfa"], "test": nfa_test})
-        calibration = recalibrate(model_dir, data, nfa=nfa, device=device)
+        calibration = recalibrate(model_dir, data, test=nfa_test, device=device)
         alarms = calibration.false_alarms
         curve = ", ".join(f"{d:.2g} at {e:g}" for e, d in zip(alarms.epsilons, alarms.detections_per_image))
         click.echo(f"{model_dir}: calibrated on {calibration.n_images} held-out normal images; "

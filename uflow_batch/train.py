@@ -15,14 +15,14 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import data, storage
-from .config import DetectorConfig, NFAConfig, TrainConfig, from_dict, to_dict
+from .config import DetectorConfig, TrainConfig, from_dict, to_dict
 from .model.calibration import Calibration
 from .model.detector import UFlowDetector, negative_log_likelihood
 
@@ -201,13 +201,13 @@ def fit_flow(
     flow.load_state_dict(best_state)
 
 
-def recalibrate(model_dir: str | Path, data_root: str, nfa: NFAConfig | None = None, device: str = "auto") -> Calibration:
+def recalibrate(model_dir: str | Path, data_root: str, test: str | None = None, device: str = "auto") -> Calibration:
     """Fit a trained model's verdict again on its own held-out normal images, without retraining.
 
     The held-out split is rebuilt from the manifest (same images, same seed),
     and the data must be the data the model was trained on (its fingerprint
-    is checked). ``nfa`` switches the test or its settings (e.g. a model of
-    an earlier version to the scan test).
+    is checked). ``test`` switches the model to that a-contrario test, its
+    other settings kept (e.g. a model of an earlier version to ``scan``).
     """
     detector = UFlowDetector.load(model_dir, device=resolve_device(device))
     manifest = detector.manifest
@@ -217,8 +217,8 @@ def recalibrate(model_dir: str | Path, data_root: str, nfa: NFAConfig | None = N
     if fingerprint != manifest["training"]["data_fingerprint"]:
         raise TrainingError(f"{data_root}/{manifest['category']}/train/good is not the data {model_dir} was trained on")
     _, val_idx = split_indices(len(images), train_config.val_fraction, train_config.seed)
-    if nfa is not None:
-        detector.use_nfa(nfa)
+    if test is not None:
+        detector.use_nfa(replace(detector.config.nfa, test=test))
     features = extract_features(detector, images[torch.as_tensor(val_idx)].to(detector.device), train_config.batch_size)
     calibration = detector.calibrate(features, train_config.batch_size)
     detector.save(model_dir, manifest)
