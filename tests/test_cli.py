@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,43 @@ def test_a_model_store_without_any_model_exits_2_and_writes_nothing(tmp_path):
                    "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "holds no model; is --models right?" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# Records the RAY_* environment at the moment the CLI first imports Ray (Ray reads some settings only then).
+_RAY_IMPORT_PROBE = """
+import importlib.abc, json, os, runpy, sys
+
+class RayImportProbe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" and not os.path.exists(probe_out):
+            with open(probe_out, "w") as out:
+                json.dump({k: v for k, v in os.environ.items() if k.startswith("RAY_")}, out)
+        return None
+
+probe_out = sys.argv.pop(1)
+sys.meta_path.insert(0, RayImportProbe())
+runpy.run_module("uflow_batch.cli", run_name="__main__")
+"""
+
+
+def ray_env_at_import(tmp_path: Path, *args: str) -> dict[str, str]:
+    """The RAY_* variables Ray finds when ``uflow-batch ARGS`` imports it."""
+    out = tmp_path / f"ray-env-{len(list(tmp_path.glob('ray-env-*')))}.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    result = subprocess.run([sys.executable, "-c", _RAY_IMPORT_PROBE, str(out), *args], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_a_local_ray_instance_the_cli_starts_is_kept_on_loopback_and_a_remote_cluster_is_left_alone(tmp_path):
+    """Token auth is off for local instances, so Ray must be in its loopback-only mode when the CLI loads it."""
+    (tmp_path / "archive" / "fabric").mkdir(parents=True)
+    (tmp_path / "archive" / "fabric" / "a.png").write_bytes(b"not looked at")
+    score = ["score", "--input", str(tmp_path / "archive"), "--models", str(tmp_path / "models"),
+             "--output", str(tmp_path / "out"), "--dry-run"]
+    local = ray_env_at_import(tmp_path, *score)
+    assert local.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "node address 127.0.0.1, every server on loopback"
+    assert local.get("RAY_AUTH_MODE") == "disabled" and local.get("RAY_USAGE_STATS_ENABLED") == "0"
+    remote = ray_env_at_import(tmp_path, *score, "--address", "10.0.0.7:6379")
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in remote, "a driver joining a cluster must advertise a reachable address"

@@ -179,6 +179,9 @@ def _split_configs(options: dict) -> tuple[DetectorConfig, TrainConfig]:
 @training_options
 def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, address, **options) -> None:
     """Train every category in parallel on a Ray cluster and publish the models."""
+    from .pipelines.ray_env import prepare_ray_env
+
+    prepare_ray_env(address)  # before Ray is imported: it reads some settings only then
     from .pipelines.cluster import ray_session
     from .pipelines.train_all import train_all as run_train_all
 
@@ -238,6 +241,9 @@ def _print_score_summary(summary) -> None:
 
 
 def _run_scoring(request, address: str | None, dry_run: bool):
+    from .pipelines.ray_env import prepare_ray_env
+
+    prepare_ray_env(address)  # before Ray is imported: it reads some settings only then
     from .pipelines.cluster import ray_session
     from .pipelines.score import preview, run_scoring
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import ray
 
 from ..config import ConfigError
+from .ray_env import LOOPBACK, check_local_node_ip, cluster_address, set_ray_defaults
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,6 @@ FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
     "UFLOW_SHARED_DATA",
 )
-
-# Ray settings this product needs everywhere: no usage reporting, no token auth
-# written behind the user's back (it breaks later `ray start` clusters).
-RAY_DEFAULT_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def forwarded_env() -> dict[str, str]:
@@ -71,16 +68,18 @@ def check_fits(what: str, num_cpus: float, num_gpus: float = 0.0) -> None:
 def ray_session(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None) -> Iterator[None]:
     """Use the running Ray session, connect to ``address`` (or ``RAY_ADDRESS``), or start a local one.
 
-    A session this function starts is shut down on exit; one it found is left alone.
+    A session this function starts is shut down on exit; one it found is left
+    alone. A local instance runs without token auth, so it is kept on
+    loopback: the CLI calls :func:`.ray_env.prepare_ray_env` before it imports Ray,
+    and a warning says so when Ray came in first.
     """
-    for name, value in RAY_DEFAULT_ENV.items():
-        os.environ.setdefault(name, value)
+    set_ray_defaults()
     if ray.is_initialized():
         yield
         return
     runtime_env = {"env_vars": forwarded_env()}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
+    address = cluster_address(address)
+    if address is not None:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
@@ -89,9 +88,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, object_
             num_cpus=num_cpus,
             object_store_memory=object_store_memory,
             include_dashboard=False,
+            dashboard_host=LOOPBACK,
             runtime_env=runtime_env,
             log_to_driver=False,
         )
+        check_local_node_ip(ray.util.get_node_ip_address())
     try:
         yield
     finally:
