@@ -215,9 +215,9 @@ NFA_TESTS = ("scan", "block")
 class NFAConfig:
     """The a-contrario verdict: which test, its windows, and the two thresholds.
 
-    ``test`` is ``scan`` (chi-square evidence over every latent scale and the
-    ``scan_windows`` block sides, its background fitted on held-out normal
-    images) or ``block`` (the paper's test: candidates z^2 above the
+    ``test`` is ``scan`` (chi-square evidence in blocks of the
+    ``scan_windows`` sides on every latent scale, combined across scales at
+    each cell, its background fitted on held-out normal images) or ``block`` (the paper's test: candidates z^2 above the
     chi-square(1) quantile at ``p`` counted in blocks of side ``windows``
     per scale, finest first).
     ``mask_p`` is the scan test's: in a flagged image, a cell is painted into

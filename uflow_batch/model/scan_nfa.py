@@ -1,4 +1,4 @@
-"""The scan test: chi-square evidence over every latent scale and several window sizes.
+"""The scan test: chi-square evidence on every latent scale and several window sizes, combined across scales.
 
 Why not only the paper's block test (:mod:`.nfa`)? It binarizes each latent
 value and averages the count over channels, so its evidence is capped by the
@@ -7,27 +7,39 @@ the finest grid can never reach NFA < 1, however extreme its latents, and the
 coarser scales are not tested at all.
 
 Here the statistic keeps the magnitudes. For scale l, window side w and the
-w x w block at each position (valid positions only, so every test sees a
-full block), S = sum of z^2 over the block's w^2 * C_l values. Under the
-background model (a normal image) S / s follows chi-square(k), with
-(s, k) = (1, w^2 C_l) for latents that are exactly N(0, I). For a real flow
-on real normal images the law is *fitted* on held-out normal images
-(:mod:`.calibration`): a scaled chi-square with fewer degrees of freedom for
-the bulk (flows are over-dispersed on images they did not train on, and
-neighbouring latents are correlated) and a generalized Pareto tail where the
-samples allow one. Window 1 lets a single extreme cell fire; windows 3 and 5
-let a faint defect spread over a block add up.
+w x w block centred on each cell, S = sum of z^2 over the block's w^2 * C_l
+values. Under the background model (a normal image) S / s follows
+chi-square(k), with (s, k) = (1, w^2 C_l) for latents that are exactly
+N(0, I). For a real flow on real normal images the law is *fitted* on
+held-out normal images (:mod:`.calibration`): a scaled chi-square with fewer
+degrees of freedom for the bulk (flows are over-dispersed on images they did
+not train on, and neighbouring latents are correlated) and a generalized
+Pareto tail where the samples allow one. Window 1 lets a single extreme cell
+fire; windows 3 and 5 let a faint defect spread over a block add up.
 
-Every test is counted: N = sum over scales and windows of the valid
-positions. log10 NFA = log10 N + log10 P(chi2(k) >= S / s) (+ a calibration
-correction, see :class:`~.calibration.Calibration`). The per-image verdict
-uses the smallest NFA over all tests, so the expected number of false
-detections per normal image is at most epsilon, and so is the probability of
-flagging a normal image.
+A defect seldom lives on one scale: the same spot is somewhat unusual on
+several (U-Flow's own anomaly map averages the scales for that reason). So
+one test is made per cell x of the finest grid and window w: it takes the
+L per-scale tail probabilities p_1..p_L of the blocks that contain x, one per
+scale, and asks how unlikely it is that k of L independent uniform values
+are as small as the k smallest of them, for the best k:
+P_k = P(Binomial(L, p_(k)) >= k), and P = L * min_k P_k (Bonferroni over
+k). A single extreme scale fires through k = 1 (P = L p_(1) at most); a
+defect that every scale sees moderately fires through k = L, where no scale
+alone would. The scales are independent under the background model: the
+flow's latents of all scales together are N(0, I) on normal images.
 
-The chi-square tail is exact: the regularized upper incomplete gamma
-Q(k/2, S/(2s)) in float64 on the model's device (``torch.special.gammaincc``);
-where it underflows (below 1e-280) its asymptotic expansion takes over, so
+Every test is counted: N = (windows) x (cells of the finest grid), and
+log10 NFA = log10 N + log10 P (+ a calibration correction, see
+:class:`~.calibration.Calibration`). The per-image verdict uses the smallest
+NFA over all tests, so the expected number of false detections per normal
+image is at most epsilon, and so is the probability of flagging a normal
+image.
+
+The tails are exact: the chi-square one is the regularized upper incomplete
+gamma Q(k/2, S/(2s)) in float64 on the model's device
+(``torch.special.gammaincc``), with its asymptotic expansion where it
+underflows (below 1e-280); the binomial one is summed in log space. So
 -log10 NFA stays finite and ordered for arbitrarily strong defects.
 """
 
@@ -47,6 +59,8 @@ from .calibration import BackgroundFit, Calibration, fit_background, theoretical
 # NFAs above this are reported as this: no detection or mask at any epsilon up to it depends on them.
 NFA_CEILING = 100.0
 
+_LN10 = math.log(10.0)
+
 
 def cell_energy(latent: torch.Tensor) -> torch.Tensor:
     """(B, H, W) float64: the sum of z^2 over channels, S of the single-cell test."""
@@ -60,8 +74,28 @@ def block_sums(energy: torch.Tensor, window: int) -> torch.Tensor:
     return F.avg_pool2d(energy[:, None], window, stride=1, divisor_override=1)[:, 0]
 
 
+def log10_binomial_tail(log10_p: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """log10 P(Binomial(n, p) >= k) elementwise, float64, exact for p down to any underflow."""
+    ln_p = (log10_p.to(torch.float64) * _LN10).clamp_max(0.0)
+    ln_q = torch.log1p(-torch.exp(ln_p))  # -inf where p = 1
+    terms = []
+    for j in range(k, n + 1):
+        ln_choose = math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+        failures = ln_q * (n - j) if j < n else torch.zeros_like(ln_q)
+        terms.append(ln_choose + j * ln_p + failures)
+    return torch.logsumexp(torch.stack(terms), dim=0) / _LN10
+
+
+def log10_cross_scale(log10_p: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, W) per-scale log10 p -> (B, H, W) log10 P of the cross-scale test (see the module docstring)."""
+    scales = log10_p.shape[1]
+    ordered = torch.sort(log10_p, dim=1).values
+    per_k = torch.stack([log10_binomial_tail(ordered[:, k - 1], k, scales) for k in range(1, scales + 1)])
+    return (per_k.amin(dim=0) + math.log10(scales)).clamp_max(0.0)
+
+
 class ScanNFA(nn.Module):
-    """Log10 NFA of every (scale, window, position) test, and the maps a mask is cut from.
+    """Log10 NFA of every (window, cell) test, and the maps a mask is cut from.
 
     ``latent_shapes`` lists each scale's (C, H, W), finest first; a window
     larger than a scale's grid is skipped on that scale.
@@ -78,37 +112,40 @@ class ScanNFA(nn.Module):
             for window in config.scan_windows
             if window <= min(height, width)
         ]
+        self.windows = sorted({window for _, window in self.tests})
         self.calibration = calibration or theoretical_calibration(self.latent_shapes, config.scan_windows)
         self.log10_n_tests = math.log10(self.number_of_tests())
 
     def number_of_tests(self) -> int:
-        return sum((self.latent_shapes[s][1] - w + 1) * (self.latent_shapes[s][2] - w + 1) for s, w in self.tests)
+        _, height, width = self.latent_shapes[0]
+        return len(self.windows) * height * width
 
     def fit(self, scale: int, window: int) -> BackgroundFit:
         return self.calibration.fit(scale, window)
 
     def statistics(self, latents: Sequence[torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
-        """The block sums S of every test, on each test's own grid of valid positions."""
+        """The block sums S of every (scale, window), on each one's own grid of valid positions."""
         energies = {scale: cell_energy(latents[scale]) for scale in {s for s, _ in self.tests}}
         return {(scale, window): block_sums(energies[scale], window) for scale, window in self.tests}
 
     def log10_p(self, statistics: dict[tuple[int, int], torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
-        """log10 P(S) under the background model, per test, floored where the NFA reaches ``NFA_CEILING``.
+        """log10 P(S) under the background model, for every (scale, window) and position."""
+        return {key: self.fit(*key).log10_sf(sums) for key, sums in statistics.items()}
 
-        Only the tests that could matter are evaluated exactly: a test whose
-        NFA is above the ceiling can be neither a detection nor part of a
-        mask at any epsilon up to it, so on a normal image almost no tail is
-        computed at all.
+    def cross_scale(self, log10_p: dict[tuple[int, int], torch.Tensor], window: int) -> torch.Tensor:
+        """(B, H0, W0) log10 P of the cross-scale test of ``window`` at every cell of the finest grid.
+
+        Each scale's block is the one centred on the cell's own cell of that
+        scale; where that block would leave the grid, the scale adds no
+        evidence (p = 1).
         """
-        floor = math.log10(NFA_CEILING) - self.log10_offset()
-        out = {}
-        for (scale, window), sums in statistics.items():
-            fit = self.fit(scale, window)
-            relevant = sums > fit.statistic_at(floor - fit.log10_factor)
-            values = torch.full_like(sums, floor)
-            values[relevant] = fit.log10_sf(sums[relevant]).clamp_max(floor)
-            out[scale, window] = values
-        return out
+        size = self.latent_shapes[0][1:]
+        pad = window // 2
+        per_scale = []
+        for scale in (s for s, w in self.tests if w == window):
+            values = F.pad(log10_p[scale, window][:, None], (pad,) * 4, value=0.0)
+            per_scale.append(F.interpolate(values, size=size, mode="nearest")[:, 0])
+        return log10_cross_scale(torch.stack(per_scale, dim=1))
 
     def deviates(self, energy: torch.Tensor, scale: int) -> torch.Tensor:
         """(B, H, W): cells whose own single-cell tail probability is below 1 - ``nfa.mask_p``."""
@@ -126,37 +163,26 @@ class ScanNFA(nn.Module):
         statistics = self.statistics(latents)
         log10_p = self.log10_p(statistics)
         offset = self.log10_offset()
-        min_log10_nfa = torch.stack([p.flatten(1).amin(dim=1) for p in log10_p.values()]).amin(dim=0) + offset
-        return NFAMaps(log10_nfa=self._mask_map(statistics, log10_p, offset), min_log10_nfa=min_log10_nfa)
+        tests = {window: self.cross_scale(log10_p, window) for window in self.windows}
+        min_log10_nfa = torch.stack([p.flatten(1).amin(dim=1) for p in tests.values()]).amin(dim=0) + offset
+        return NFAMaps(log10_nfa=self._mask_map(statistics, tests, offset), min_log10_nfa=min_log10_nfa)
 
-    def _mask_map(self, statistics: dict, log10_p: dict, offset: float) -> torch.Tensor:
-        """log10 NFA per cell of the finest grid, for cutting masks.
+    def _mask_map(self, statistics: dict, tests: dict[int, torch.Tensor], offset: float) -> torch.Tensor:
+        """log10 NFA per cell of the finest grid, for cutting masks, at most ``NFA_CEILING``.
 
-        A cell takes the smallest NFA of the tests whose block contains it,
-        but only if the cell itself deviates, on the block's scale and on the
-        finest one (its single-cell tail probability below 1 - ``nfa.mask_p``):
-        otherwise a strong one-cell defect would paint the whole 5x5 block
-        around it, and a coarse detection a 32x32-pixel square. Coarse
-        scales are brought to the finest grid by nearest neighbour.
+        A cell takes the smallest NFA of the tests whose finest-grid block
+        contains it, but only if the cell itself deviates (its single-cell
+        tail probability below 1 - ``nfa.mask_p``): otherwise a strong
+        one-cell defect would paint the whole 5x5 block around it, and a
+        coarse scale's evidence a 32x32-pixel square.
         """
-        finest = statistics[0, 1]
-        size = finest.shape[-2:]
+        best = None
+        for window, values in tests.items():
+            values = values[:, None]
+            if window > 1:
+                pad = window // 2
+                values = -F.max_pool2d(F.pad(-values, (pad,) * 4, value=-math.inf), window, stride=1)
+            best = values if best is None else torch.minimum(best, values)
         floor = math.log10(NFA_CEILING) - offset
-        scales = sorted({s for s, _ in self.tests})
-        deviates = {scale: self.deviates(statistics[scale, 1], scale)[:, None] for scale in scales}
-        best = torch.full_like(finest[:, None], floor)
-        for scale in scales:
-            per_scale = None
-            for window in (w for s, w in self.tests if s == scale):
-                values = log10_p[scale, window][:, None]
-                if window > 1:
-                    pad = window // 2
-                    values = -F.max_pool2d(F.pad(-values, (pad,) * 4, value=-math.inf), window, stride=1, padding=pad)
-                per_scale = values if per_scale is None else torch.minimum(per_scale, values)
-            per_scale = torch.where(deviates[scale], per_scale, torch.full_like(per_scale, floor))
-            if per_scale.shape[-2:] != size:
-                per_scale = F.interpolate(per_scale, size=size, mode="nearest")
-            best = torch.minimum(best, per_scale)
-        # Every value is at most the floor, so the finest-scale gate applies once to the minimum over scales.
-        best = torch.where(deviates[0], best, torch.full_like(best, floor))
+        best = torch.where(self.deviates(statistics[0, 1], 0)[:, None], best.clamp_max(floor), torch.full_like(best, floor))
         return best[:, 0] + offset
