@@ -16,6 +16,7 @@ from uflow_batch.train import (
     TrainingError,
     TrainingReport,
     fit_flow,
+    recalibrate,
     split_indices,
     train_category,
     validation_scores,
@@ -69,8 +70,6 @@ def test_the_verdict_is_calibrated_on_the_held_out_normal_images_and_travels_in_
 def test_recalibration_rebuilds_the_same_held_out_split(trained, tiny_root, tmp_path):
     import shutil
 
-    from uflow_batch.train import recalibrate
-
     out, _ = trained
     copy = tmp_path / "model"
     shutil.copytree(out, copy)
@@ -90,6 +89,19 @@ def test_a_model_saved_before_the_scan_test_keeps_scoring_with_the_papers_block_
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     (tmp_path / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
     assert UFlowDetector.load(tmp_path).config.nfa.test == "block"
+
+
+def test_a_model_calibrated_for_the_first_scan_test_scores_with_the_block_test_until_recalibrated(trained, tiny_root, tmp_path):
+    out, _ = trained
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["calibration"]["version"] == 2
+    del manifest["calibration"]["version"]  # what the per-scale scan test of version 1 wrote
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (tmp_path / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
+    assert UFlowDetector.load(tmp_path).config.nfa.test == "block", "its correction factor does not hold for this test"
+    recalibrate(tmp_path, str(tiny_root), test="scan")
+    reloaded = UFlowDetector.load(tmp_path)
+    assert reloaded.config.nfa.test == "scan" and reloaded.nfa.calibration.version == 2
 
 
 def test_a_loaded_model_scores_exactly_like_the_trained_one(trained, tiny_root):

@@ -143,6 +143,11 @@ class FalseAlarms:
     images_flagged: tuple[float, ...]
 
 
+# Version 2: the scan test combines the scales at each cell (version 1 took the minimum over
+# per-scale tests); a correction factor measured for one does not hold for the other.
+CALIBRATION_VERSION = 2
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Background fits per (scale, window), the NFA correction factor, and what was measured."""
@@ -151,6 +156,7 @@ class Calibration:
     log10_factor: float = 0.0
     n_images: int = 0  # held-out images fitted on; 0 for the theoretical N(0, I) model
     false_alarms: FalseAlarms | None = None
+    version: int = CALIBRATION_VERSION
 
     def fit(self, scale: int, window: int) -> BackgroundFit:
         return self.fits[_key(scale, window)]
@@ -166,6 +172,7 @@ class Calibration:
             log10_factor=float(data.get("log10_factor", 0.0)),
             n_images=int(data.get("n_images", 0)),
             false_alarms=None if alarms is None else FalseAlarms(**{k: tuple(v) if isinstance(v, list) else v for k, v in alarms.items()}),
+            version=int(data.get("version", 1)),
         )
 
 

@@ -11,6 +11,7 @@ silently runs on other backbone weights than it was trained on.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch import nn
 from ..config import DetectorConfig, NFAConfig, from_dict, to_dict
 from .anomaly import ImageResult, anomaly_map, image_result
 from .backbones import FeatureExtractor, backbone_spec, build_extractor, state_dict_sha256
-from .calibration import Calibration
+from .calibration import CALIBRATION_VERSION, Calibration
 from .flow import UFlow
 from .nfa import BlockNFA
 from .scan_nfa import ScanNFA
@@ -31,6 +32,8 @@ from .scan_nfa import ScanNFA
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 
 class ModelFormatError(RuntimeError):
@@ -192,7 +195,8 @@ class UFlowDetector(nn.Module):
     def load(cls, directory: str | Path, device: str | torch.device = "cpu", extractor: FeatureExtractor | None = None) -> UFlowDetector:
         directory = Path(directory)
         manifest = read_manifest(directory)
-        config = from_dict(DetectorConfig, _with_test_of_its_time(manifest["config"]))
+        manifest = _with_test_of_its_time(manifest, directory)
+        config = from_dict(DetectorConfig, manifest["config"])
         detector = cls(config, extractor=extractor)
         if manifest.get("calibration"):
             detector.nfa.calibration = Calibration.from_dict(manifest["calibration"])
@@ -231,14 +235,24 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _with_test_of_its_time(config: dict[str, Any]) -> dict[str, Any]:
-    """Models saved before ``nfa.test`` existed used the paper's block test: keep scoring them with it.
+def _with_test_of_its_time(manifest: dict[str, Any], directory: str | Path) -> dict[str, Any]:
+    """A model whose verdict was never calibrated for the current scan test scores with the paper's block test.
 
-    ``uflow-batch calibrate`` moves such a model to the calibrated scan test.
+    Models saved before ``nfa.test`` existed used the block test; models
+    calibrated for the first scan test (the minimum over per-scale tests,
+    calibration version 1) carry a correction that does not hold for the
+    cross-scale one. ``uflow-batch calibrate --nfa-test scan`` moves either
+    to the calibrated scan test.
     """
-    if "test" in config.get("nfa", {}):
-        return config
-    return {**config, "nfa": {**config.get("nfa", {}), "test": "block"}}
+    nfa = manifest["config"].get("nfa", {})
+    if "test" not in nfa:
+        return {**manifest, "config": {**manifest["config"], "nfa": {**nfa, "test": "block"}}}
+    calibration = manifest.get("calibration") or {}
+    if nfa["test"] == "scan" and calibration.get("fits") and calibration.get("version", 1) != CALIBRATION_VERSION:
+        log.warning("%s: calibrated for an earlier scan test; scoring with the block test until "
+                    "`uflow-batch calibrate --nfa-test scan` refits it", directory)
+        return {**manifest, "config": {**manifest["config"], "nfa": {**nfa, "test": "block"}}, "calibration": None}
+    return manifest
 
 
 def _strict_json(value: Any) -> Any:
