@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,13 +25,19 @@ from uflow_batch.model.anomaly import find_regions
 from uflow_batch.pipelines.schema import FILE_SCHEMA, SCHEMA_VERSION
 
 MODEL_VERSION = "20261119T020000Z-a1b2c3"
+OLD_MODEL_VERSION = "20261101T020000Z-0ld000"
 
 
 @dataclass(frozen=True)
 class ScoresDataset:
     root: Path
-    rows: list[dict]  # every row as written, plus its "category" and "run_date"
+    rows: list[dict]  # the current row of each image and night, plus its "category" and "run_date"
     missing_uri: str  # a scored image deleted after scoring: the report must show a placeholder
+    # Rows also written, in part files of other runs, that a reader must not count: an image's
+    # no_model row before its score, an older model version's score, a later error beside a
+    # score, an earlier error replaced by a later one. Which row is current is decided here,
+    # by construction, not by the code under test.
+    superseded: list[dict] = field(default_factory=list)
 
     def scored(self) -> list[dict]:
         return [r for r in self.rows if r["error"] is None]
@@ -71,13 +77,13 @@ def _scored_row(path: Path, mask: np.ndarray, score: float, peak: float, run_dat
     }
 
 
-def _error_row(uri: str, code: str, message: str, run_date: str) -> dict:
+def _error_row(uri: str, code: str, message: str, run_date: str, at: str = "02:00") -> dict:
     row = {name: None for name in FILE_SCHEMA.names}
     row.update(
         schema_version=SCHEMA_VERSION,
         image_uri=uri,
         model_version=None if code == "no_model" else MODEL_VERSION,
-        scored_at=datetime.fromisoformat(f"{run_date}T02:00:00+00:00"),
+        scored_at=datetime.fromisoformat(f"{run_date}T{at}:00+00:00"),
         error=code,
         error_message=message,
     )
@@ -140,14 +146,36 @@ def build_scores_dataset(root: Path) -> ScoresDataset:
             _error_row(str(test / "good" / "odd.png"), "inference_error", "RuntimeError: non-finite latents", "2026-11-21"),
         ]],
     }
-    rows = []
+    superseded = {
+        # A run against a store without tile's model, before the night's corrected run (01:00).
+        ("tile", "2026-11-20"): [
+            *(_error_row(r["image_uri"], "no_model", "no trained model for category 'tile'", "2026-11-20", at="01:00")
+              for r in partitions["tile", "2026-11-20"][0][:4]),
+            _error_row(str(test / "good" / "vanished.png"), "read_error", "FileNotFoundError: earlier attempt",
+                       "2026-11-20", at="01:00"),
+        ],
+        # An older model's score (it would top the ranking), and a later error beside a score.
+        ("tile", "2026-11-21"): [
+            {**partitions["tile", "2026-11-21"][0][0], "model_version": OLD_MODEL_VERSION, "image_score": 0.995,
+             "scored_at": datetime.fromisoformat("2026-11-21T01:00:00+00:00")},
+        ],
+        ("tile_glazed", "2026-11-21"): [
+            _error_row(partitions["tile_glazed", "2026-11-21"][0][0]["image_uri"], "inference_error",
+                       "RuntimeError: a later run failed on it", "2026-11-21", at="03:00"),
+        ],
+    }
+    rows, replaced = [], []
     for (category, run_date), files in partitions.items():
         directory = root / f"category={category}" / f"run_date={run_date}"
         directory.mkdir(parents=True)
         for index, file_rows in enumerate(files):
             pq.write_table(pa.Table.from_pylist(file_rows, schema=FILE_SCHEMA), directory / f"part-{index:05d}.parquet")
             rows.extend({**row, "category": category, "run_date": run_date} for row in file_rows)
-    return ScoresDataset(root=root, rows=rows, missing_uri=missing_uri)
+        if (category, run_date) in superseded:
+            file_rows = superseded[category, run_date]
+            pq.write_table(pa.Table.from_pylist(file_rows, schema=FILE_SCHEMA), directory / "part-other-run.parquet")
+            replaced.extend({**row, "category": category, "run_date": run_date} for row in file_rows)
+    return ScoresDataset(root=root, rows=rows, missing_uri=missing_uri, superseded=replaced)
 
 
 def upload(local_root: Path, url: str) -> str:

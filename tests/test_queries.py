@@ -162,6 +162,7 @@ def test_every_shipped_query_has_a_check_and_a_pandas_and_polars_twin():
 
 def test_the_analysts_guide_shows_each_query_as_it_is_in_its_file():
     guide = GUIDE.read_text()
+    assert (QUERIES / "_current_rows.sql").read_text().strip() in guide, "docs/queries.md shows the current-row rule"
     for name in CHECKS:
         assert (QUERIES / f"{name}.sql").read_text().strip() in guide, f"docs/queries.md is out of date for {name}.sql"
         assert f"(../uflow_batch/queries/{name}.sql)" in guide
@@ -254,3 +255,25 @@ def test_every_query_runs_straight_on_s3(flavour, scores, s3_scores):
             CHECKS[name](records(result), scores)
         except AssertionError as failure:
             raise AssertionError(f"{flavour} {name} on s3: {failure}") from None
+
+
+def test_the_guides_recipe_by_hand_gives_the_same_sql_as_query_text(scores):
+    """What docs/queries.md tells analysts to do without the package runs and answers the same."""
+    import duckdb
+
+    rows = "\n".join(line for line in (QUERIES / "_current_rows.sql").read_text().splitlines() if not line.startswith("--"))
+    for name in CHECKS:
+        sql = (QUERIES / f"{name}.sql").read_text().replace("{current_rows}", rows).replace("{root}", str(scores.root))
+        CHECKS[name](records(duckdb.sql(sql).fetch_arrow_table()), scores)
+
+
+def test_a_night_that_holds_several_rows_of_an_image_counts_it_once(scores):
+    """The dataset holds superseded rows (a no_model row before the score, an older model's score, a later
+    error beside a score, an earlier error): the checks above are only meaningful if it really does."""
+    import pyarrow.parquet as pq
+
+    written = sum(pq.read_metadata(path).num_rows for path in Path(scores.root).rglob("*.parquet"))
+    assert written == len(scores.rows) + len(scores.superseded) and len(scores.superseded) >= 4
+    per_night = records(analysts.run_query("defect_rate_per_night", str(scores.root)))
+    assert sum(r["n_images"] for r in per_night) == len(scores.rows)
+    assert {(r["run_date"], r["image_uri"]) for r in scores.superseded} <= {(r["run_date"], r["image_uri"]) for r in scores.rows}

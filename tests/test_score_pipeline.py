@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from uflow_batch import storage
+from uflow_batch import analysts, storage
 from uflow_batch.config import ScoringResources
 from uflow_batch.pipelines.score import ScoreRequest, run_scoring
 from uflow_batch.storage import ModelStore
@@ -100,6 +100,30 @@ def test_object_storage_in_and_out(ray_local, model_store, s3_bucket_url):
     summary = run_scoring(request(archive.root, models, output))
     assert summary.rows_written == len(archive.files)
     assert_exactly_once(output, {f.url for f in archive.files})
+    assert run_scoring(request(archive.root, models, output)).rows_written == 0
+
+
+def test_a_rerun_after_a_run_without_a_categorys_model_scores_every_image_once(ray_local, model_store, s3_bucket_url):
+    """no_model rows of a run against an incomplete store neither block nor double the corrected re-run's rows."""
+    if analysts.extension_directory() is None:
+        pytest.skip("duckdb-ext-httpfs is not installed (pip install 'uflow-batch[analysts]')")
+    archive = write_scoring_archive(storage.join(s3_bucket_url, "archive"), TINY_SYNTHETIC, n_per_category=3,
+                                    include_bad_files=False)
+    models, output = storage.join(s3_bucket_url, "models"), storage.join(s3_bucket_url, "scores")
+    present, missing = TINY_SYNTHETIC.categories
+    ModelStore(models).publish(ModelStore(model_store).fetch(present)[0], present)
+    incomplete = run_scoring(request(archive.root, models, output))
+    assert incomplete.by_category == {present: Counter(ok=3), missing: Counter(no_model=3)}
+
+    ModelStore(models).publish(ModelStore(model_store).fetch(missing)[0], missing)
+    corrected = run_scoring(request(archive.root, models, output))
+    assert corrected.by_category == {missing: Counter(ok=3)}, "the images without a model are scored, the others not again"
+    assert {r["image_uri"] for r in output_rows(output) if r["error"] is None} == {f.url for f in archive.files}
+
+    with analysts.duckdb_connect() as connection:
+        per_night = analysts.run_query("defect_rate_per_night", output, connection=connection).to_pylist()
+    assert {r["category"]: (r["n_images"], r["n_scored"], r["n_errors"]) for r in per_night} == {
+        category: (3, 3, 0) for category in TINY_SYNTHETIC.categories}, "one row per image per night"
     assert run_scoring(request(archive.root, models, output)).rows_written == 0
 
 

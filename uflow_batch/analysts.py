@@ -2,8 +2,12 @@
 
 The queries in ``uflow_batch/queries/*.sql`` (shipped with the package) are the documented, tested way to ask
 the common questions (defect rate per night, top anomalies, errors...). They
-name the dataset as ``{root}``, so the very same file runs on a local
-directory and on an ``s3://`` prefix: :func:`run_query` fills it in.
+read ``{current_rows}``, the current row of each image and night, defined
+once in ``queries/_current_rows.sql`` (a night may hold several rows of an
+image, e.g. an error and the score of its re-run; see
+:func:`uflow_batch.pipelines.schema.current_rows`), which names the dataset
+as ``{root}``, so the very same file runs on a local directory and on an
+``s3://`` prefix: :func:`query_text` fills both in.
 
 S3 access goes through DuckDB's ``httpfs`` extension, taken from the PyPI
 package ``duckdb-ext-httpfs`` (DuckDB's own ``INSTALL httpfs`` downloads it,
@@ -28,6 +32,8 @@ log = logging.getLogger(__name__)
 
 QUERIES_DIR = Path(__file__).resolve().parent / "queries"
 ROOT_PLACEHOLDER = "{root}"
+ROWS_PLACEHOLDER = "{current_rows}"
+ROWS_DEFINITION = "_current_rows"  # queries/_current_rows.sql; names starting with "_" are parts, not queries
 SECRET_NAME = "uflow_batch_s3"
 
 
@@ -131,17 +137,31 @@ def _queries_dir(queries_dir: str | Path | None) -> Path:
 
 
 def query_names(queries_dir: str | Path | None = None) -> list[str]:
-    """Names of the shipped queries (file names without ``.sql``)."""
-    return sorted(path.stem for path in _queries_dir(queries_dir).glob("*.sql"))
+    """Names of the shipped queries (file names without ``.sql``; ``_`` files are parts of queries)."""
+    return sorted(path.stem for path in _queries_dir(queries_dir).glob("*.sql") if not path.stem.startswith("_"))
+
+
+def current_rows_sql(root: str, queries_dir: str | Path | None = None) -> str:
+    """The subquery that ``{current_rows}`` stands for, on the dataset at ``root`` (its comment lines left out)."""
+    path = _queries_dir(queries_dir) / f"{ROWS_DEFINITION}.sql"
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.lstrip().startswith("--")]
+    return "\n".join(lines).strip().replace(ROOT_PLACEHOLDER, _sql_root(root))
+
+
+def _sql_root(root: str) -> str:
+    return str(root).rstrip("/").replace("'", "''")
 
 
 def query_text(name: str, root: str, queries_dir: str | Path | None = None) -> str:
-    """The SQL of query ``name`` with ``{root}`` replaced by the dataset root (path or s3:// URL)."""
+    """The SQL of query ``name`` on the dataset at ``root`` (path or s3:// URL), ready to run.
+
+    ``{current_rows}`` becomes the current-row subquery, ``{root}`` the quoted root.
+    """
     path = _queries_dir(queries_dir) / f"{name}.sql"
-    if not path.is_file():
+    if name.startswith("_") or not path.is_file():
         raise KeyError(f"no query named {name!r}; known: {', '.join(query_names(queries_dir))}")
-    root = str(root).rstrip("/")
-    return path.read_text(encoding="utf-8").replace(ROOT_PLACEHOLDER, root.replace("'", "''"))
+    text = path.read_text(encoding="utf-8").replace(ROWS_PLACEHOLDER, current_rows_sql(root, queries_dir))
+    return text.replace(ROOT_PLACEHOLDER, _sql_root(root))
 
 
 def run_query(

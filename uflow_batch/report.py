@@ -34,7 +34,7 @@ from PIL import Image, ImageFilter
 
 from . import __version__, storage
 from .data import decode_image, decode_mask
-from .pipelines.schema import ERROR_CODES, PARTITION_COLUMNS, RESULT_SCHEMA
+from .pipelines.schema import CURRENT_ROW_COLUMNS, ERROR_CODES, PARTITION_COLUMNS, RESULT_SCHEMA, current_rows
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,21 @@ def read_summary(
     categories: Iterable[str] | None = None,
     run_dates: Iterable[str | date] | None = None,
 ) -> pa.Table:
-    """The light columns of every selected row, plus ``__filename`` to find a row's mask later."""
-    columns = [*SUMMARY_COLUMNS, "__filename"]
-    return dataset.to_table(columns=columns, filter=_partition_filter(categories, run_dates))
+    """The light columns of the current row of each selected image and night, plus ``__filename`` to find its mask later."""
+    return read_current(dataset, [*SUMMARY_COLUMNS, "__filename"], _partition_filter(categories, run_dates))
+
+
+def read_current(dataset: ds.Dataset, columns: Sequence[str], partition_filter: ds.Expression | None = None,
+                 use_threads: bool = True) -> pa.Table:
+    """``columns`` of the current row of each image and night (:func:`~uflow_batch.pipelines.schema.current_rows`).
+
+    A night may hold several rows of one image (an error, then the score of
+    its re-run); every count a reader shows takes one. ``partition_filter``
+    selects partitions before the choice, so it should name partition columns only.
+    """
+    wanted = list(dict.fromkeys([*columns, *CURRENT_ROW_COLUMNS]))
+    table = dataset.to_table(columns=wanted, filter=partition_filter, use_threads=use_threads)
+    return current_rows(table).select(list(columns))
 
 
 def read_masks(dataset: ds.Dataset, rows: Sequence[dict]) -> dict[tuple[str, str], bytes | None]:

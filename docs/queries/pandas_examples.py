@@ -28,11 +28,33 @@ PARTITIONING = ds.partitioning(pa.schema([("category", pa.string()), ("run_date"
 SCORED = ds.field("error").is_null()
 
 
+# Which row of an image and night counts, like _current_rows.sql: a scored row over an
+# error, then the latest scored_at, then the highest model version.
+CURRENT_KEY = ["run_date", "image_uri"]
+CURRENT_ORDER = ["error", "scored_at", "model_version"]
+
+
 def load(root: str, columns: Sequence[str], filter: ds.Expression | None = None) -> pd.DataFrame:
-    """The given columns of every row under ``root`` (optionally filtered) as a DataFrame."""
+    """The given columns of the current row of each image and night under ``root`` (optionally filtered).
+
+    A night may hold several rows of one image (an error, then the score of
+    its re-run; two model versions); the filter applies to the current rows,
+    so an error that a later score replaced is not found either. It may use
+    ``columns`` and ``error``.
+    """
     fs, path = fsspec.core.url_to_fs(root)
     dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning=PARTITIONING)
-    frame = dataset.to_table(columns=list(columns), filter=filter).to_pandas()
+    wanted = list(dict.fromkeys([*columns, *CURRENT_KEY, *CURRENT_ORDER]))
+    table = dataset.to_table(columns=wanted)
+    ranks = table.select(CURRENT_KEY + CURRENT_ORDER).to_pandas()
+    ranks["errored"] = ranks["error"].notna()
+    ranks = ranks.sort_values(CURRENT_KEY + ["errored", "scored_at", "model_version"],
+                              ascending=[True, True, True, False, False], na_position="last", kind="stable")
+    current = ranks.drop_duplicates(CURRENT_KEY, keep="first").index.sort_values()
+    table = table.take(pa.array(current))
+    if filter is not None:
+        table = table.filter(filter)
+    frame = table.select(list(columns)).to_pandas()
     if "run_date" in frame.columns:
         frame["run_date"] = pd.to_datetime(frame["run_date"], format="%Y-%m-%d")
     return frame
@@ -74,7 +96,7 @@ def defect_area_distribution(root: str) -> pd.DataFrame:
     """Like defect_area_distribution.sql: defect-area quantiles of anomalous images per category."""
     frame = load(
         root,
-        ["category", "defect_area_px", "defect_area_fraction", "n_regions"],
+        ["category", "defect_area_px", "defect_area_fraction", "n_regions", "is_anomalous"],
         filter=SCORED & (ds.field("is_anomalous") == True),  # noqa: E712 - an Arrow expression, not a Python test
     )
     area = frame.groupby("category")["defect_area_px"]

@@ -45,18 +45,28 @@ def storage_options(root: str) -> dict[str, str] | None:
     return options
 
 
+SCORED = pl.col("error").is_null()
+
+
 def scan(root: str) -> pl.LazyFrame:
-    """Every row under ``root``, lazily, with the hive partition columns typed."""
+    """The current row of each image and night under ``root``, lazily, with the hive partition columns typed.
+
+    A night may hold several rows of one image (an error, then the score of
+    its re-run; two model versions): like ``_current_rows.sql``, a scored row
+    wins over an error, then the latest ``scored_at``, then the highest model version.
+    """
     root = root.rstrip("/")
-    return pl.scan_parquet(
+    rows = pl.scan_parquet(
         f"{root}/**/*.parquet",
         hive_partitioning=True,
         hive_schema=HIVE_SCHEMA,
         storage_options=storage_options(root),
     )
-
-
-SCORED = pl.col("error").is_null()
+    return (
+        rows.sort(["run_date", "image_uri", SCORED, "scored_at", "model_version"],
+                  descending=[False, False, True, True, True], nulls_last=True)
+        .unique(subset=["run_date", "image_uri"], keep="first", maintain_order=True)
+    )
 
 
 def defect_rate_per_night(root: str) -> pl.DataFrame:

@@ -9,6 +9,7 @@ in the directory names (``category=.../run_date=...``), not inside the files.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = 2
 
@@ -59,6 +60,41 @@ FILE_SCHEMA = pa.schema(
 
 # The logical schema a reader sees with hive partitioning on.
 RESULT_SCHEMA = FILE_SCHEMA.append(pa.field("category", pa.string())).append(pa.field("run_date", pa.string()))
+
+# --- the current row of an image and night -------------------------------------------------
+#
+# Part files are an append-only log: a night may hold several rows of one image, e.g. the
+# no_model rows of a run against the wrong model store and the scores of the corrected re-run,
+# or the scores of two model versions. Readers (the shipped queries in queries/_current_rows.sql,
+# the report, the analysts' pandas and Polars examples) count the *current* row only: a scored
+# row (error IS NULL) over an error row, then the latest scored_at, then the highest model
+# version. So one image counts once per night, and an error never hides a score.
+
+CURRENT_ROW_KEY = ("run_date", "image_uri")
+CURRENT_ROW_COLUMNS = (*CURRENT_ROW_KEY, "error", "scored_at", "model_version")
+
+
+def current_rows(table: pa.Table) -> pa.Table:
+    """The current row of each (run_date, image_uri) in ``table``, in the table's order.
+
+    ``table`` needs at least :data:`CURRENT_ROW_COLUMNS`.
+    """
+    if table.num_rows <= 1:
+        return table
+    ranked = pa.table({
+        "run_date": table.column("run_date"), "image_uri": table.column("image_uri"),
+        "errored": pc.is_valid(table.column("error")), "scored_at": table.column("scored_at"),
+        "model_version": table.column("model_version"), "index": pa.array(range(table.num_rows), pa.int64()),
+    }).sort_by([("run_date", "ascending", "at_end"), ("image_uri", "ascending", "at_end"), ("errored", "ascending", "at_end"),
+                ("scored_at", "descending", "at_end"), ("model_version", "descending", "at_end")])
+    run_date, uri = (ranked.column(name) for name in CURRENT_ROW_KEY)
+    # A row is current when it is the first of its key in this order.
+    changed = pc.or_kleene(pc.not_equal(run_date.slice(1), run_date.slice(0, len(run_date) - 1)),
+                           pc.not_equal(uri.slice(1), uri.slice(0, len(uri) - 1)))
+    first = pa.concat_arrays([pa.array([True]), pc.fill_null(changed, True).combine_chunks()])
+    indices = ranked.column("index").filter(first)
+    return table.take(pc.take(indices, pc.sort_indices(indices)))
+
 
 # --- inside the pipeline: what travels between its stages -----------------------------------
 

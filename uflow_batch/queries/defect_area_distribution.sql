@@ -11,8 +11,7 @@ SELECT
     max(defect_area_px)                            AS max_px,
     avg(defect_area_fraction)                      AS mean_area_fraction,
     avg(n_regions)                                 AS mean_regions
-FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true,
-                  hive_types = {'category': VARCHAR, 'run_date': DATE}, union_by_name = true)
+FROM {current_rows}
 WHERE error IS NULL AND is_anomalous
 GROUP BY category
 ORDER BY category;

@@ -13,8 +13,7 @@ SELECT
     region.peak_neg_log10_nfa
 FROM (
     SELECT category, run_date, image_uri, unnest(regions) AS region
-    FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true,
-                      hive_types = {'category': VARCHAR, 'run_date': DATE}, union_by_name = true)
+    FROM {current_rows}
     WHERE error IS NULL
 )
 ORDER BY region.area_px DESC, image_uri, region.y0, region.x0;

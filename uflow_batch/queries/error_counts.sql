@@ -4,8 +4,7 @@ SELECT
     run_date,
     error,
     count(*) AS n_images
-FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true,
-                  hive_types = {'category': VARCHAR, 'run_date': DATE}, union_by_name = true)
+FROM {current_rows}
 WHERE error IS NOT NULL
 GROUP BY category, run_date, error
 ORDER BY category, run_date, error;

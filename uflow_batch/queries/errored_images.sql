@@ -8,7 +8,6 @@ SELECT
     error,
     error_message,
     scored_at
-FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true,
-                  hive_types = {'category': VARCHAR, 'run_date': DATE}, union_by_name = true)
+FROM {current_rows}
 WHERE error IS NOT NULL
 ORDER BY run_date DESC, category, error, image_uri;

@@ -11,8 +11,7 @@ SELECT
     defect_area_fraction,
     n_regions,
     model_version
-FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true,
-                  hive_types = {'category': VARCHAR, 'run_date': DATE}, union_by_name = true)
+FROM {current_rows}
 WHERE error IS NULL
 ORDER BY image_score DESC, max_neg_log10_nfa DESC, image_uri
 LIMIT 50;
