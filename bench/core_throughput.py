@@ -37,10 +37,10 @@ import torch
 from scipy import special, stats
 
 from uflow_batch import data
+from uflow_batch.checkpoint import load_detector
 from uflow_batch.config import NFA_TESTS, BackboneConfig, DetectorConfig
-from uflow_batch.model.detector import UFlowDetector, build_nfa
+from uflow_batch.model import UFlowDetector, build_nfa, resolve_device
 from uflow_batch.model.nfa import BlockNFA
-from uflow_batch.train import resolve_device
 
 DEFAULT_DATA = os.environ.get("UFLOW_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")) + "/mtd"
 FULL_TARGET = 0.70  # full scoring images/s over backbone-only images/s
@@ -87,7 +87,7 @@ def load_batches(paths: list[Path], size: tuple[int, int], batch_size: int) -> l
 
 def build_detector(args: argparse.Namespace, device: torch.device) -> tuple[UFlowDetector, str]:
     if args.model:
-        return UFlowDetector.load(args.model, device=device), f"trained model {args.model}"
+        return load_detector(args.model, device=device), f"trained model {args.model}"
     config = DetectorConfig(backbone=BackboneConfig(input_size=tuple(args.input_size or (256, 256))))
     detector = UFlowDetector(config).to(device).eval()
     return detector, "untrained flow, default DetectorConfig (flow weights do not change the cost)"

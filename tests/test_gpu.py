@@ -6,7 +6,7 @@ import torch
 from shared_data import make_tiny_mvtec
 from uflow_batch import data
 from uflow_batch.config import BackboneConfig, DetectorConfig, TrainConfig
-from uflow_batch.model.detector import UFlowDetector
+from uflow_batch.checkpoint import load_detector
 from uflow_batch.train import train_category
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,8 +29,8 @@ def test_a_model_trained_on_the_gpu_scores_alike_on_gpu_and_cpu(tmp_path, exact_
 
     paths = sorted((root / "tile_exp1" / "test").glob("*/*.png"))
     images = torch.stack([data.resize_to_model(data.decode_image(p.read_bytes()), (64, 64)) for p in paths])
-    on_cpu = UFlowDetector.load(tmp_path / "model", device="cpu").score_maps(images)
-    on_gpu = UFlowDetector.load(tmp_path / "model", device="cuda").score_maps(images.cuda())
+    on_cpu = load_detector(tmp_path / "model", device="cpu").score_maps(images)
+    on_gpu = load_detector(tmp_path / "model", device="cuda").score_maps(images.cuda())
 
     assert on_gpu.anomaly.is_cuda and on_gpu.neg_log10_nfa.is_cuda, "the NFA runs on the model's device"
     assert torch.allclose(on_gpu.anomaly.cpu(), on_cpu.anomaly, atol=1e-4)

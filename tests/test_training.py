@@ -9,8 +9,10 @@ import torch
 from shared_data import make_tiny_mvtec
 from uflow_batch import data
 from uflow_batch.config import BackboneConfig, ConfigError, DetectorConfig, NFAConfig, TrainConfig
+from uflow_batch.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, load_detector, read_manifest, save_detector
+from uflow_batch.manifest import ModelFormatError, ModelManifest
+from uflow_batch.model import UFlowDetector, negative_log_likelihood
 from uflow_batch.model.calibration import Calibration
-from uflow_batch.model.detector import MANIFEST_FILE, WEIGHTS_FILE, ModelFormatError, UFlowDetector, negative_log_likelihood
 from uflow_batch.train import (
     TrainingDiverged,
     TrainingError,
@@ -57,6 +59,25 @@ def test_training_writes_weights_and_a_self_describing_manifest(trained):
     assert np.isfinite(report.best_val_loss) and np.isfinite(report.fair_threshold)
 
 
+def test_a_trained_models_manifest_reads_back_typed_with_its_fair_threshold_stored_once(trained):
+    out, report = trained
+    manifest = read_manifest(out)
+    assert manifest.category == "tile_exp1" and manifest.input_size == (64, 64) and manifest.train_config == QUICK
+    assert manifest.training == report and manifest.fair_threshold == report.fair_threshold
+    assert ModelManifest.from_json(manifest.to_json(), "again") == manifest
+    assert "fair_threshold" not in json.loads((out / MANIFEST_FILE).read_text())["training"]
+
+
+def test_a_manifest_of_the_old_layout_with_two_fair_threshold_copies_still_loads(trained, tmp_path):
+    out, report = trained
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["training"]["fair_threshold"] = manifest["fair_threshold"]  # what training wrote before the typed manifest
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (tmp_path / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
+    assert read_manifest(tmp_path).fair_threshold == report.fair_threshold
+    assert load_detector(tmp_path).config == load_detector(out).config
+
+
 def test_the_verdict_is_calibrated_on_the_held_out_normal_images_and_travels_in_the_manifest(trained):
     out, report = trained
     calibration = json.loads((out / MANIFEST_FILE).read_text())["calibration"]
@@ -64,7 +85,7 @@ def test_the_verdict_is_calibrated_on_the_held_out_normal_images_and_travels_in_
     assert calibration["false_alarms"]["n_images"] == report.n_val
     assert calibration["false_alarms"]["epsilons"] == [0.01, 0.1, 1.0, 10.0, 100.0]
     assert set(calibration["fits"]) >= {"0/1", "1/1"}
-    assert UFlowDetector.load(out).nfa.calibration == Calibration.from_dict(calibration)
+    assert load_detector(out).nfa.calibration == Calibration.from_dict(calibration)
 
 
 def test_recalibration_rebuilds_the_same_held_out_split(trained, tiny_root, tmp_path):
@@ -76,7 +97,7 @@ def test_recalibration_rebuilds_the_same_held_out_split(trained, tiny_root, tmp_
     before = json.loads((copy / MANIFEST_FILE).read_text())["calibration"]
     assert recalibrate(copy, str(tiny_root)) == Calibration.from_dict(before)
     block = recalibrate(copy, str(tiny_root), test="block")
-    assert block.fits == {} and UFlowDetector.load(copy).config.nfa.test == "block"
+    assert block.fits == {} and load_detector(copy).config.nfa.test == "block"
     with pytest.raises(TrainingError, match="not the data"):
         recalibrate(copy, str(make_tiny_mvtec(tmp_path / "other", n_train=11)))
 
@@ -88,7 +109,7 @@ def test_a_model_saved_before_the_scan_test_keeps_scoring_with_the_papers_block_
     del manifest["calibration"]
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     (tmp_path / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
-    assert UFlowDetector.load(tmp_path).config.nfa.test == "block"
+    assert load_detector(tmp_path).config.nfa.test == "block"
 
 
 def test_a_model_calibrated_for_the_first_scan_test_scores_with_the_block_test_until_recalibrated(trained, tiny_root, tmp_path):
@@ -98,15 +119,15 @@ def test_a_model_calibrated_for_the_first_scan_test_scores_with_the_block_test_u
     del manifest["calibration"]["version"]  # what the per-scale scan test of version 1 wrote
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     (tmp_path / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
-    assert UFlowDetector.load(tmp_path).config.nfa.test == "block", "its correction factor does not hold for this test"
+    assert load_detector(tmp_path).config.nfa.test == "block", "its correction factor does not hold for this test"
     recalibrate(tmp_path, str(tiny_root), test="scan")
-    reloaded = UFlowDetector.load(tmp_path)
+    reloaded = load_detector(tmp_path)
     assert reloaded.config.nfa.test == "scan" and reloaded.nfa.calibration.version == 2
 
 
 def test_a_loaded_model_scores_exactly_like_the_trained_one(trained, tiny_root):
     out, _ = trained
-    first, second = UFlowDetector.load(out), UFlowDetector.load(out)
+    first, second = load_detector(out), load_detector(out)
     image = data.resize_to_model(data.decode_image(next((tiny_root / "tile_exp1/test/crack").glob("*.png")).read_bytes()), (64, 64))
     a, b = first.score_maps(image[None]), second.score_maps(image[None])
     assert torch.equal(a.anomaly, b.anomaly) and torch.equal(a.neg_log10_nfa, b.neg_log10_nfa)
@@ -119,15 +140,15 @@ def test_loading_refuses_a_model_trained_on_other_backbone_weights(trained, tmp_
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     (tmp_path / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
     with pytest.raises(ModelFormatError, match="backbone"):
-        UFlowDetector.load(tmp_path)
+        load_detector(tmp_path)
     with pytest.raises(ModelFormatError, match="no manifest.json"):
-        UFlowDetector.load(tmp_path / "nowhere")
+        load_detector(tmp_path / "nowhere")
 
 
 def test_manifests_are_strict_json_even_with_non_finite_statistics(trained, tmp_path):
     out, _ = trained
-    detector = UFlowDetector.load(out)
-    detector.save(tmp_path, {"fair_threshold": float("nan"), "training": {"best_val_loss": float("inf")}})
+    detector = load_detector(out)
+    save_detector(detector, tmp_path, training=TrainingReport("x", 1, 1, fair_threshold=float("nan"), best_val_loss=float("inf")))
     text = (tmp_path / MANIFEST_FILE).read_text()
     manifest = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert manifest["fair_threshold"] is None and manifest["training"]["best_val_loss"] is None
@@ -135,7 +156,7 @@ def test_manifests_are_strict_json_even_with_non_finite_statistics(trained, tmp_
 
 def test_validation_scoring_in_batches_matches_scoring_the_images_whole(trained, tiny_root):
     out, _ = trained
-    detector = UFlowDetector.load(out)
+    detector = load_detector(out)
     paths = sorted((tiny_root / "tile_exp1/train/good").glob("*.png"))[:5]
     images = torch.stack([data.resize_to_model(data.decode_image(p.read_bytes()), (64, 64)) for p in paths])
     whole = detector.score_maps(images)
@@ -146,7 +167,7 @@ def test_validation_scoring_in_batches_matches_scoring_the_images_whole(trained,
 
 def test_other_nfa_settings_apply_to_a_trained_model_without_retraining(trained, tiny_root):
     out, _ = trained
-    detector = UFlowDetector.load(out)
+    detector = load_detector(out)
     image = data.resize_to_model(data.decode_image(next((tiny_root / "tile_exp1/test/crack").glob("*.png")).read_bytes()), (64, 64))
     scan = detector.score_maps(image[None])
     detector.use_nfa(NFAConfig(test="block"))

@@ -358,9 +358,9 @@ def _models_to_evaluate(model_dirs: tuple[str, ...], store_url: str | None) -> l
 def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out, figure_out, nfa_test, nfa_windows, nfa_p,
              mask_p, false_alarm_rate, epsilon) -> None:
     """Ranking (AUROC, AUPRO), verdict (false alarms, recall) and masks (IoU) on the test split."""
+    from .checkpoint import load_detector, read_manifest
     from .evaluate import evaluate_detector
-    from .model.detector import UFlowDetector
-    from .train import resolve_device
+    from .model import resolve_device
 
     nfa_overrides = {
         key: value
@@ -370,15 +370,17 @@ def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out
     }
     rows = []
     for model_dir, store_category in _models_to_evaluate(model_dirs, store_url):
-        detector = UFlowDetector.load(model_dir, device=resolve_device(device))
+        manifest = read_manifest(model_dir)
+        detector = load_detector(model_dir, device=resolve_device(device))
         if nfa_overrides:
             detector.use_nfa(dataclasses.replace(detector.config.nfa, **nfa_overrides))
-        name = category or store_category or detector.manifest.get("category")
+        name = category or store_category or manifest.category
         if not name:
             raise click.UsageError(f"{model_dir} records no category; pass --category")
         with tqdm(desc=f"evaluate {name}", unit="img", file=sys.stderr) as bar:
             report = evaluate_detector(detector, data, name, batch_size=batch_size,
-                                       on_image=lambda done, total: _advance(bar, done, total))
+                                       on_image=lambda done, total: _advance(bar, done, total),
+                                       fair_threshold=manifest.fair_threshold)
         rows.append(report.as_dict())
     if len(rows) > 1:
         mean = {key: sum(r[key] for r in rows) / len(rows) for key, _ in EVALUATION_COLUMNS}

@@ -34,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 from . import data, storage
 from .model.anomaly import NFAMaps, resize_map
 from .model.calibration import REPORT_EPSILONS, false_alarms
-from .model.detector import ScoreMaps, UFlowDetector
+from .model import ScoreMaps, UFlowDetector
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,13 @@ def evaluate_detector(
     category: str,
     batch_size: int = 8,
     on_image: Callable[[int, int], None] | None = None,
+    fair_threshold: float = math.nan,
 ) -> EvaluationReport:
+    """Every metric of the module docstring on ``category``'s test split.
+
+    ``fair_threshold`` is the model's (its manifest's): without one, the
+    fair masks' IoUs are NaN.
+    """
     items = data.test_images(data_root, category)
     scored, seconds = score_test_split(detector, items, batch_size, on_image)
 
@@ -215,8 +221,6 @@ def evaluate_detector(
         regions.append(np.where(labelled > 0, labelled + offset, 0).ravel())
         offset += count
     oracle_threshold, oracle_iou = best_iou_threshold(pixel_scores, truth)
-    fair_threshold = detector.manifest.get("fair_threshold")  # null when training had no validation maps
-    fair_threshold = np.nan if fair_threshold is None else float(fair_threshold)
 
     flagged = np.array([s.flagged for s in scored])
     false_alarms_good = float(flagged[~labels].mean()) if (~labels).any() else float("nan")

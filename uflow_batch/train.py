@@ -15,16 +15,18 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import data, storage
-from .config import DetectorConfig, TrainConfig, from_dict, to_dict
+from .checkpoint import load_detector, read_manifest, save_detector
+from .config import DetectorConfig, TrainConfig
+from .manifest import TrainingReport
+from .model import UFlowDetector, negative_log_likelihood, resolve_device
 from .model.calibration import Calibration
-from .model.detector import UFlowDetector, negative_log_likelihood
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +39,6 @@ class TrainingError(RuntimeError):
 
 class TrainingDiverged(TrainingError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainingReport:
-    category: str
-    n_train: int
-    n_val: int
-    skipped_images: list[str] = field(default_factory=list)
-    epochs: int = 0
-    initial_val_loss: float = math.inf
-    best_epoch: int = 0
-    best_val_loss: float = math.inf
-    best_val_nll_per_dim: float = math.inf
-    final_train_loss: float = math.inf
-    fair_threshold: float = math.nan
-    val_image_scores: list[float] = field(default_factory=list)
-    feature_seconds: float = 0.0
-    fit_seconds: float = 0.0
-    device: str = "cpu"
-    data_fingerprint: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -209,19 +182,21 @@ def recalibrate(model_dir: str | Path, data_root: str, test: str | None = None, 
     is checked). ``test`` switches the model to that a-contrario test, its
     other settings kept (e.g. a model of an earlier version to ``scan``).
     """
-    detector = UFlowDetector.load(model_dir, device=resolve_device(device))
-    manifest = detector.manifest
-    train_config = from_dict(TrainConfig, manifest["train_config"])
-    urls = data.train_images(data_root, manifest["category"])
+    manifest = read_manifest(model_dir)
+    train_config, training = manifest.train_config, manifest.training
+    if manifest.category is None or train_config is None or training is None:
+        raise TrainingError(f"{model_dir} records no training to repeat (category, train_config, training)")
+    detector = load_detector(model_dir, device=resolve_device(device))
+    urls = data.train_images(data_root, manifest.category)
     images, _, fingerprint = load_images(urls, detector.input_size, train_config.skip_corrupt)
-    if fingerprint != manifest["training"]["data_fingerprint"]:
-        raise TrainingError(f"{data_root}/{manifest['category']}/train/good is not the data {model_dir} was trained on")
+    if fingerprint != training.data_fingerprint:
+        raise TrainingError(f"{data_root}/{manifest.category}/train/good is not the data {model_dir} was trained on")
     _, val_idx = split_indices(len(images), train_config.val_fraction, train_config.seed)
     if test is not None:
         detector.use_nfa(replace(detector.config.nfa, test=test))
     features = extract_features(detector, images[torch.as_tensor(val_idx)].to(detector.device), train_config.batch_size)
     calibration = detector.calibrate(features, train_config.batch_size)
-    detector.save(model_dir, manifest)
+    save_detector(detector, model_dir, manifest.category, train_config, training)
     return calibration
 
 
@@ -264,12 +239,7 @@ def train_category(
     log.info("%s: NFA calibrated on %d held-out images (correction x%.2f)",
              category, calibration.n_images, 10.0**calibration.log10_factor)
 
-    detector.save(out_dir, {
-        "category": category,
-        "train_config": to_dict(train_config),
-        "training": report.as_dict(),
-        "fair_threshold": report.fair_threshold,
-    })
+    save_detector(detector, out_dir, category, train_config, report)
     log.info(
         "%s: %d epochs (best %d), val NLL/dim %.4f, %.1fs features + %.1fs fit",
         category, report.epochs, report.best_epoch, report.best_val_nll_per_dim, report.feature_seconds, report.fit_seconds,

@@ -18,7 +18,6 @@ Listing and write tasks import no torch, so they stay small (~100 MB, not ~1 GB)
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections import Counter
@@ -29,8 +28,9 @@ from datetime import datetime, timezone
 import ray
 
 from .. import storage
+from ..checkpoint import MANIFEST_FILE
 from ..config import ConfigError, ScoreRequest
-from ..model.detector import MANIFEST_FILE
+from ..manifest import ModelFormatError, ModelManifest
 from ..storage import TransientStorageError
 from . import commit
 from .cluster import check_fits, gpus_per_worker
@@ -76,11 +76,10 @@ def resolve_models(models_url: str, categories: Iterable[str]) -> ModelIndex:
         index.versions[category] = version
         if version is None:
             continue
+        url = storage.join(store.version_url(category, version), MANIFEST_FILE)
         try:
-            manifest = json.loads(storage.read_bytes(storage.join(store.version_url(category, version), MANIFEST_FILE)))
-            height, width = manifest["config"]["backbone"]["input_size"]
-            index.input_sizes[category] = (int(height), int(width))
-        except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+            index.input_sizes[category] = ModelManifest.from_json(storage.read_bytes(url), storage.redact(url)).input_size
+        except (FileNotFoundError, ModelFormatError) as exc:
             index.unusable[category] = f"model {category}/{version} has no usable manifest: {type(exc).__name__}: {exc}"
     return index
 

@@ -21,11 +21,12 @@ import pyarrow as pa
 import torch
 
 from .. import data, storage
+from ..checkpoint import load_detector
 from ..config import ConfigError
+from ..manifest import ModelFormatError
+from ..model import UFlowDetector, resolve_device
 from ..model.backbones import BackboneWeightsError
-from ..model.detector import ModelFormatError, UFlowDetector
 from ..storage import TransientStorageError
-from ..train import resolve_device
 from . import rows
 from .schema import DECODED_SCHEMA, ROUTED_SCHEMA
 
@@ -107,7 +108,7 @@ class CategoryScorer:
             self.models.move_to_end(key)
             return self.models[key]
         directory, _ = self.store.fetch(category, version)
-        detector = UFlowDetector.load(directory, device=self.device)
+        detector = load_detector(directory, device=self.device)
         self.models[key] = detector
         if len(self.models) > self.cache_size:
             self.models.popitem(last=False)
