@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,29 @@ def _empty_rows():
         "schema_version": 1, "image_uri": "old.png", "category": "fabric", "run_date": "2020-01-01", "pkey": "old",
         "error": "no_model", "error_message": "old"}
     return pa.Table.from_pylist([row], schema=ROUTED_SCHEMA)
+
+
+@pytest.mark.slow
+def test_an_image_stamped_in_the_future_is_scored_and_counted_in_the_summary(model_store, tmp_path):
+    """A clock-skewed image is neither skipped silently nor left for a run that never lists its folder again."""
+    archive = write_scoring_archive(str(tmp_path / "archive"), TINY_SYNTHETIC, n_per_category=1, include_bad_files=False)
+    skewed = Path(archive.files[0].url)
+    tomorrow = time.time() + 86400
+    os.utime(skewed, (tomorrow, tomorrow))
+    args = ["score", "--input", archive.root, "--models", model_store, "--output", str(tmp_path / "out"),
+            "--run-date", "2026-11-22", "--batch-size", "4", "--actors", "1"]
+    dry = uflow(*args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    header, _, *lines = dry.stdout.splitlines()
+    assert "late (second pass)" in header
+    assert [line.split()[-1] for line in lines if line.startswith(archive.files[0].category)] == ["1"]
+
+    run = uflow(*args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{len(archive.files)} rows" in run.stdout
+    assert "note: 1 images modified after the run started" in run.stdout and str(skewed) in run.stdout
+    again = uflow(*args)
+    assert again.returncode == 0 and "0 rows in 0 part files" in again.stdout and "note:" not in again.stdout
 
 
 def test_a_job_spec_with_a_mistake_is_refused_before_anything_runs(tmp_path):

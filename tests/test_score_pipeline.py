@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -125,6 +126,26 @@ def test_a_rerun_after_a_run_without_a_categorys_model_scores_every_image_once(r
     assert {r["category"]: (r["n_images"], r["n_scored"], r["n_errors"]) for r in per_night} == {
         category: (3, 3, 0) for category in TINY_SYNTHETIC.categories}, "one row per image per night"
     assert run_scoring(request(archive.root, models, output)).rows_written == 0
+
+
+def test_an_image_modified_after_the_run_started_gets_its_row_in_the_same_run(ray_local, model_store, s3_bucket_url):
+    """Clock skew: the storage stamps an object later than the driver's start; the run still scores it, once."""
+    archive = write_scoring_archive(storage.join(s3_bucket_url, "archive"), TINY_SYNTHETIC, n_per_category=2,
+                                    include_bad_files=False)
+    models, output = storage.join(s3_bucket_url, "models"), storage.join(s3_bucket_url, "scores")
+    for category in TINY_SYNTHETIC.categories:
+        ModelStore(models).publish(ModelStore(model_store).fetch(category)[0], category)
+    driver_clock = datetime.now(timezone.utc)  # the driver's clock, behind the storage's by the sleep below
+    time.sleep(1.5)  # S3 stamps whole seconds
+    late = storage.join(archive.root, "fabric", "stamped-in-the-future.png")
+    storage.write_bytes_atomic(late, storage.read_bytes(archive.files[-1].url))
+
+    summary = run_scoring(request(archive.root, models, output), started_at=driver_clock)
+    assert summary.late == Counter(fabric=1) and summary.late_examples == [late]
+    rows = assert_exactly_once(output, {f.url for f in archive.files} | {late})
+    assert next(r for r in rows if r["image_uri"] == late)["error"] is None, "scored, not an error row"
+    again = run_scoring(request(archive.root, models, output), started_at=driver_clock)
+    assert again.rows_written == 0 and not again.late, "a re-run neither scores it again nor calls it late"
 
 
 def first_part_written(output: str, timeout: float = 300.0) -> None:

@@ -224,7 +224,8 @@ def scoring_options(command):
 
 
 def _print_preview(counts: dict) -> None:
-    columns = [("to_score", "to score"), ("done", "already scored"), ("no_model", "no model"), ("deferred", "arrived late")]
+    columns = [("to_score", "to score"), ("done", "already scored"), ("no_model", "no model"),
+               ("late", "late (second pass)")]
     rows = [{"category": c, **{key: n[key] for key, _ in columns}} for c, n in sorted(counts.items())]
     click.echo(format_table(rows, columns))
 
@@ -238,6 +239,11 @@ def _print_score_summary(summary) -> None:
     click.echo(f"{summary.rows_written} rows in {summary.files_written} part files")
     if rows:
         click.echo(format_table(rows, [("version", "model version")] + [(code, code) for code in codes]))
+    if summary.late:
+        per_category = ", ".join(f"{category} {n}" for category, n in sorted(summary.late.items()))
+        click.echo(f"note: {sum(summary.late.values())} images modified after the run started (a clock ahead of this "
+                   f"machine's, or still arriving) were scored in a second pass: {per_category} "
+                   f"(e.g. {', '.join(summary.late_examples)})")
 
 
 def _run_scoring(request, address: str | None, dry_run: bool):

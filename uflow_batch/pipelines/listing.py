@@ -7,8 +7,13 @@ only lists the first level of each input root; objects are listed inside the
 read tasks, directory by directory, in sorted order, so memory stays flat
 however large the archive, and a retried task lists the same sequence.
 
-Objects modified after the run started are left for the next run: a listing
-that changes under a retry could otherwise duplicate or skip rows.
+Objects modified after the run started (still arriving, or stamped by a clock
+ahead of the driver's) are kept out of the main listing, because a listing
+that changes under a retry could duplicate or skip rows. They are not lost:
+each read task hands them to the run's :class:`LateArrivals` ledger, and the
+run scores them in a second pass over that fixed list once the main pass is
+done (:func:`uflow_batch.pipelines.score.run_scoring`), counting them in its
+summary.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -177,11 +184,12 @@ def walk_sorted(url: str, recursive: bool = True) -> Iterator[tuple[str, dict]]:
 
 
 def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | None = None,
-              on_deferred: Callable[[str], None] | None = None) -> Iterator[dict]:
+              on_deferred: Callable[[dict], None] | None = None) -> Iterator[dict]:
     """The image objects of a unit, in a fixed order, with their identity fields.
 
-    Objects modified after ``started_at`` are passed to ``on_deferred``
-    instead: they belong to the next run of an input that is still filling up.
+    Objects modified after ``started_at`` are passed to ``on_deferred`` (as
+    the same row) instead of being yielded: the main pass must list the same
+    objects on a replay, and these may not have been there the first time.
     """
     if unit.kind == "manifest":
         yield from _iter_manifest(unit.location, categories)
@@ -190,18 +198,18 @@ def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | N
     for url, info in walk_sorted(unit.location, recursive=unit.kind == "prefix"):
         if not is_image_name(url):
             continue
-        modified = _mtime(info)
-        if modified is not None and modified > started_at:
-            if on_deferred:
-                on_deferred(url)
-            continue
         category = unit.category
         if pattern is not None:
             match = pattern.search(_relative(url, unit.root))
             category = partition_category(match.group("category") if match else None)
             if categories is not None and category not in categories:
                 continue
-        yield object_row(url, info, category)
+        row = object_row(url, info, category)
+        if row["object_mtime"] is not None and row["object_mtime"] > started_at:
+            if on_deferred:
+                on_deferred(row)
+            continue
+        yield row
 
 
 def read_manifest_records(url: str) -> list[tuple[str, str]]:
@@ -244,6 +252,25 @@ def _iter_manifest(url: str, categories: list[str] | None) -> Iterator[dict]:
             yield {"image_uri": uri, "category": category, "object_size": None, "object_etag": None, "object_mtime": None}
 
 
+@ray.remote(num_cpus=0)
+class LateArrivals:
+    """The run's ledger of objects its main pass left out (modified after the run started), per unit.
+
+    Keyed by unit, so a replayed read task replaces what its first attempt
+    recorded instead of adding to it. Normally a handful of rows; a clock far
+    ahead of the driver's can send a whole night here, still only listing rows.
+    """
+
+    def __init__(self) -> None:
+        self.by_unit: dict[str, list[dict]] = {}
+
+    def record(self, unit_key: str, rows: list[dict]) -> None:
+        self.by_unit[unit_key] = rows
+
+    def rows(self) -> list[dict]:
+        return [row for key in sorted(self.by_unit) for row in self.by_unit[key]]
+
+
 @dataclass(frozen=True)
 class ListingContext:
     """What every read task needs besides its unit (kept small: it is pickled into each task)."""
@@ -255,6 +282,11 @@ class ListingContext:
     started_at: datetime
     categories: list[str] | None = None
     block_rows: int = 64
+    late: Any = None  # a LateArrivals handle; None: objects modified after started_at are only logged
+
+    def listing_row(self, row: dict, unit: ListingUnit) -> dict:
+        """An object row as the pipeline carries it: with its model version, run date and unit."""
+        return {**row, "model_version": self.versions.get(row["category"]), "run_date": self.run_date, "pkey": unit.key}
 
 
 def read_unit(unit: ListingUnit, context: ListingContext) -> Iterator[pa.Table]:
@@ -267,13 +299,26 @@ def read_unit(unit: ListingUnit, context: ListingContext) -> Iterator[pa.Table]:
         done = committed(context.output, context.run_date, unit.key, unit.partitions, exclude_run=context.run_id)
     except Exception as exc:  # noqa: BLE001 - cannot tell what is done: retry rather than duplicate
         raise TransientStorageError(f"read committed parts of {unit.location}", exc) from exc
-    block, skipped, deferred = [], 0, []
-    for row in iter_unit(unit, context.started_at, context.categories, on_deferred=deferred.append):
-        version = context.versions.get(row["category"])
-        if (row["image_uri"], version) in done:
+    block, skipped, late = [], 0, []
+
+    def to_score(row: dict) -> dict | None:
+        nonlocal skipped
+        listed = context.listing_row(row, unit)
+        if (listed["image_uri"], listed["model_version"]) in done:
             skipped += 1
+            return None
+        return listed
+
+    def defer(row: dict) -> None:
+        listed = to_score(row)
+        if listed is not None:
+            late.append(listed)
+
+    for row in iter_unit(unit, context.started_at, context.categories, on_deferred=defer):
+        listed = to_score(row)
+        if listed is None:
             continue
-        block.append({**row, "model_version": version, "run_date": context.run_date, "pkey": unit.key})
+        block.append(listed)
         if len(block) >= context.block_rows:
             yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
             block = []
@@ -281,9 +326,11 @@ def read_unit(unit: ListingUnit, context: ListingContext) -> Iterator[pa.Table]:
         yield pa.Table.from_pylist(block, schema=LISTING_SCHEMA)
     if skipped:
         log.info("%s: %d objects already scored, skipped", unit.location, skipped)
-    if deferred:
-        log.warning("%s: %d objects modified after the run started are left for the next run (e.g. %s)",
-                    unit.location, len(deferred), deferred[0])
+    if context.late is not None:
+        ray.get(context.late.record.remote(unit.key, late))
+    if late:
+        log.warning("%s: %d objects modified after the run started, left for its second pass (e.g. %s)",
+                    unit.location, len(late), late[0]["image_uri"])
 
 
 class ListingDatasource(Datasource):

@@ -5,6 +5,8 @@
       -> read bytes, decode, resize                         stages.fetch_and_decode
       -> batch inference + NFA (actors, GPU when asked)     stages.CategoryScorer
       -> one atomic part file per unit and block            commit.PartSink
+    then, when the listing left out objects modified after the run started,
+    a second pass over that fixed list through the same stages (LateArrivals).
 
 Nothing materializes the archive's listing or the output: read tasks list
 one directory at a time, and blocks stream through with bounded size. The
@@ -25,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import ray
 
 from .. import storage
@@ -35,10 +38,15 @@ from ..storage import TransientStorageError
 from . import commit
 from .cluster import check_fits, gpus_per_worker
 from .commit import PartSink
-from .listing import ListingContext, ListingDatasource, iter_unit, plan_request_units
+from .listing import LateArrivals, ListingContext, ListingDatasource, iter_unit, plan_request_units
+from .schema import LISTING_SCHEMA
 from .stages import CategoryScorer, fetch_and_decode
 
 log = logging.getLogger(__name__)
+
+# How many late objects a summary names as examples.
+LATE_EXAMPLES = 3
+
 
 @dataclass
 class ScoreSummary:
@@ -47,6 +55,16 @@ class ScoreSummary:
     by_category: dict[str, Counter] = field(default_factory=dict)
     model_versions: dict[str, str | None] = field(default_factory=dict)
     units: int = 0
+    # Objects modified after the run started, scored in its second pass (their rows are in by_category too).
+    late: Counter = field(default_factory=Counter)
+    late_examples: list[str] = field(default_factory=list)
+
+    def add_written(self, written: list[dict]) -> None:
+        """Count the part files a sink reports."""
+        for part in written:
+            self.rows_written += part["rows"]
+            self.files_written += 1
+            self.by_category.setdefault(part["category"], Counter()).update(part["outcomes"])
 
 
 @dataclass
@@ -93,9 +111,11 @@ def categories_in(units: list, models_url: str) -> list[str]:
 
 
 def preview(request: ScoreRequest) -> dict[str, Counter]:
-    """What a run would do, per category: objects to score, already done, without a model, arrived too late.
+    """What a run would do, per category: objects to score, already done, without a model, and late ones.
 
-    Lists everything in the driver, so it is for ``--dry-run``, not for the run itself.
+    Late objects (modified after the run started) are those its second pass
+    would score. Lists everything in the driver, so it is for ``--dry-run``,
+    not for the run itself.
     """
     started_at = datetime.now(timezone.utc)
     categories = request.category_filter
@@ -104,13 +124,14 @@ def preview(request: ScoreRequest) -> dict[str, Counter]:
     counts: dict[str, Counter] = {}
     for unit in units:
         done = commit.committed(request.output, request.run_date, unit.key, unit.partitions)
-        deferred: list[str] = []
-        for row in iter_unit(unit, started_at, categories, on_deferred=deferred.append):
+
+        def count(row: dict, late: bool = False) -> None:
             version = versions.get(row["category"])
-            outcome = "done" if (row["image_uri"], version) in done else "to_score" if version else "no_model"
+            outcome = "done" if (row["image_uri"], version) in done else "late" if late else "to_score" if version else "no_model"
             counts.setdefault(row["category"], Counter())[outcome] += 1
-        if deferred and unit.category:
-            counts.setdefault(unit.category, Counter())["deferred"] += len(deferred)
+
+        for row in iter_unit(unit, started_at, categories, on_deferred=lambda row: count(row, late=True)):
+            count(row)
     return counts
 
 
@@ -122,9 +143,16 @@ def configure_retries(attempts: int) -> None:
     context.max_errored_blocks = 0  # a block that cannot be written fails the run; it is never dropped
 
 
-def run_scoring(request: ScoreRequest) -> ScoreSummary:
-    """Score everything under the request's inputs that this model version has not scored yet."""
-    started_at = datetime.now(timezone.utc)
+def run_scoring(request: ScoreRequest, started_at: datetime | None = None) -> ScoreSummary:
+    """Score everything under the request's inputs that this model version has not scored yet.
+
+    ``started_at`` (default: now) is the main listing's cutoff: objects
+    modified after it are scored in a second pass, once the main pass is
+    written, over the fixed list the read tasks recorded. So every listed
+    object gets its row in this run, whatever the clocks say, and a retried
+    read task still lists what its first attempt did.
+    """
+    started_at = started_at or datetime.now(timezone.utc)
     units = plan_request_units(request)
     summary = ScoreSummary(units=len(units))
     if not units:
@@ -142,10 +170,30 @@ def run_scoring(request: ScoreRequest) -> ScoreSummary:
         # Every image would become a no_model row: a mistyped --models, not a night's result.
         raise ConfigError(f"the model store {storage.redact(request.models)} holds no model; is --models right?")
     run_id = commit.new_run_id()
+    late = LateArrivals.remote()
+    try:
+        context = ListingContext(request.output, request.run_date, run_id, models.versions, started_at,
+                                 request.category_filter, request.listing_block_rows, late)
+        summary.add_written(_score_and_write(ray.data.read_datasource(ListingDatasource(units, context)),
+                                             request, models, gpus, run_id))
+        late_rows = ray.get(late.rows.remote())
+    finally:
+        ray.kill(late)
+    if late_rows:
+        summary.late = Counter(row["category"] for row in late_rows)
+        summary.late_examples = [row["image_uri"] for row in late_rows[:LATE_EXAMPLES]]
+        log.warning("%d objects modified after the run started (%s) are scored in a second pass, e.g. %s",
+                    len(late_rows), started_at.isoformat(), ", ".join(summary.late_examples))
+        late_dataset = ray.data.from_arrow(pa.Table.from_pylist(late_rows, schema=LISTING_SCHEMA))
+        summary.add_written(_score_and_write(late_dataset, request, models, gpus, run_id))
+    return summary
+
+
+def _score_and_write(dataset: ray.data.Dataset, request: ScoreRequest, models: ModelIndex, gpus: float,
+                     run_id: str) -> list[dict]:
+    """Decode, score and commit listed objects (one pass of a run); returns the part files written."""
+    resources = request.resources
     sink = PartSink(request.output, request.rows_per_file, run_id)
-    context = ListingContext(request.output, request.run_date, run_id, models.versions, started_at,
-                             request.category_filter, request.listing_block_rows)
-    dataset = ray.data.read_datasource(ListingDatasource(units, context))
     dataset = dataset.map_batches(
         fetch_and_decode, fn_kwargs={"input_sizes": models.input_sizes, "unusable": models.unusable},
         batch_size=resources.batch_size,
@@ -165,8 +213,4 @@ def run_scoring(request: ScoreRequest) -> ScoreSummary:
         # A re-run with everything already scored gives the actors no input: expected, not a sizing problem.
         warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
         dataset.write_datasink(sink)
-    for written in getattr(sink, "written", []):
-        summary.rows_written += written["rows"]
-        summary.files_written += 1
-        summary.by_category.setdefault(written["category"], Counter()).update(written["outcomes"])
-    return summary
+    return getattr(sink, "written", [])
