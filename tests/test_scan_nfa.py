@@ -21,7 +21,7 @@ from uflow_batch.model.calibration import (
     tolerated_images,
 )
 from uflow_batch.model.nfa import BlockNFA
-from uflow_batch.model.scan_nfa import ScanNFA, log10_binomial_tail, log10_cross_scale
+from uflow_batch.model.scan_nfa import NFA_CEILING, ScanNFA, log10_binomial_tail, log10_cross_scale
 
 SHAPES = [(8, 16, 16), (12, 8, 8), (24, 4, 4)]
 
@@ -57,14 +57,34 @@ def reference_log10_p(latent: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def test_every_block_tail_matches_the_per_position_reference():
+def test_every_block_tail_that_can_matter_matches_the_per_position_reference():
     latents = noise(2)
     latents[0][:, :, 5:9, 5:9] *= 3.0  # make tails reach far
     test = ScanNFA(SHAPES, NFAConfig())
     for (scale, window), values in test.log10_p(test.statistics(latents)).items():
+        level = test.relevance(window)
         for b in range(2):
-            expected = reference_log10_p(latents[scale][b].numpy(), window)
+            exact = reference_log10_p(latents[scale][b].numpy(), window)
+            expected = np.where(exact < level, exact, 0.0)  # above relevance no test can reach the ceiling: p = 1
             np.testing.assert_allclose(values[b].numpy(), expected, rtol=1e-9, atol=1e-9)
+            if scale == 0:
+                assert (exact < level).any() and (exact >= level).any(), "both sides of the cut are exercised"
+
+
+def test_skipping_irrelevant_tails_changes_no_nfa_below_the_ceiling():
+    latents = noise(4, seed=5)
+    latents[1][0, :, 3:5, 3:5] *= 1.8
+    test = ScanNFA(SHAPES, NFAConfig())
+    statistics = test.statistics(latents)
+    exact = {key: test.fit(*key).log10_sf(sums) for key, sums in statistics.items()}
+    for window in test.windows:
+        cut = test.cross_scale(test.log10_p(statistics), window) + test.log10_offset()
+        full = test.cross_scale(exact, window) + test.log10_offset()
+        ceiling = math.log10(NFA_CEILING)
+        below = full < ceiling
+        assert below.any()
+        torch.testing.assert_close(cut[below], full[below], rtol=1e-12, atol=1e-12)
+        assert (cut[~below] >= ceiling).all()
 
 
 def test_every_window_and_cell_of_the_finest_grid_is_counted_in_the_number_of_tests():

@@ -87,11 +87,20 @@ def log10_binomial_tail(log10_p: torch.Tensor, k: int, n: int) -> torch.Tensor:
 
 
 def log10_cross_scale(log10_p: torch.Tensor) -> torch.Tensor:
-    """(B, L, H, W) per-scale log10 p -> (B, H, W) log10 P of the cross-scale test (see the module docstring)."""
-    scales = log10_p.shape[1]
-    ordered = torch.sort(log10_p, dim=1).values
+    """(B, L, H, W) per-scale log10 p -> (B, H, W) log10 P of the cross-scale test (see the module docstring).
+
+    Only cells where some scale has p < 1 are computed: with the tails above
+    the relevance level reported as p = 1 (:meth:`ScanNFA.log10_p`), that is
+    a small share of a normal image.
+    """
+    batch, scales, height, width = log10_p.shape
+    cells = log10_p.permute(0, 2, 3, 1).reshape(-1, scales)
+    active = (cells < 0).any(dim=1)
+    ordered = torch.sort(cells[active], dim=1).values
     per_k = torch.stack([log10_binomial_tail(ordered[:, k - 1], k, scales) for k in range(1, scales + 1)])
-    return (per_k.amin(dim=0) + math.log10(scales)).clamp_max(0.0)
+    out = torch.zeros(cells.shape[0], dtype=torch.float64, device=log10_p.device)
+    out[active] = (per_k.amin(dim=0) + math.log10(scales)).clamp_max(0.0)
+    return out.view(batch, height, width)
 
 
 class ScanNFA(nn.Module):
@@ -129,8 +138,28 @@ class ScanNFA(nn.Module):
         return {(scale, window): block_sums(energies[scale], window) for scale, window in self.tests}
 
     def log10_p(self, statistics: dict[tuple[int, int], torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
-        """log10 P(S) under the background model, for every (scale, window) and position."""
-        return {key: self.fit(*key).log10_sf(sums) for key, sums in statistics.items()}
+        """log10 P(S) under the background model, for every (scale, window) and position, 0 above relevance.
+
+        Only tails that could matter are evaluated exactly: a probability
+        above :meth:`relevance` cannot bring any cross-scale test of its
+        window below ``NFA_CEILING`` (through the best k, the L-th smallest
+        value counts at most p^L), so it is reported as 1 and on a normal
+        image most tails are never computed.
+        """
+        out = {}
+        for (scale, window), sums in statistics.items():
+            fit = self.fit(scale, window)
+            level = self.relevance(window)
+            relevant = sums > fit.statistic_at(level - fit.log10_factor)
+            values = torch.zeros_like(sums)
+            values[relevant] = fit.log10_sf(sums[relevant]).clamp(max=level)
+            out[scale, window] = values.masked_fill(values >= level, 0.0)
+        return out
+
+    def relevance(self, window: int) -> float:
+        """log10 of the largest per-scale tail probability that can matter to a test of this window."""
+        scales = sum(1 for _, w in self.tests if w == window)
+        return (math.log10(NFA_CEILING) - self.log10_offset() - math.log10(scales)) / scales
 
     def cross_scale(self, log10_p: dict[tuple[int, int], torch.Tensor], window: int) -> torch.Tensor:
         """(B, H0, W0) log10 P of the cross-scale test of ``window`` at every cell of the finest grid.
