@@ -52,6 +52,11 @@ class PositionAffine(fm.InvertibleModule):
         return input_dims
 
 
+def standardize(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each scale standardized over (C, H, W): a LayerNorm without parameters."""
+    return [F.layer_norm(f, f.shape[1:]) for f in features]
+
+
 def coupling_subnet(kernel_size: int) -> callable:
     """conv-ReLU-conv with as many hidden filters as input channels.
 
@@ -144,6 +149,8 @@ class UFlow(nn.Module):
     (finest first) and log|det J| per image.
     """
 
+    scales_independent = True  # one invertible map of all scales: their latents are jointly N(0, I)
+
     def __init__(self, feature_shapes: Sequence[Shape], config: FlowConfig) -> None:
         super().__init__()
         self.feature_shapes = [tuple(s) for s in feature_shapes]
@@ -153,9 +160,7 @@ class UFlow(nn.Module):
         object.__setattr__(self, "graph", graph)
         self.nodes = named_modules_of(graph)
 
-    @staticmethod
-    def standardize(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [F.layer_norm(f, f.shape[1:]) for f in features]
+    standardize = staticmethod(standardize)
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.transform(self.standardize(features))

@@ -1,0 +1,93 @@
+"""FastFlow and CFlow-AD: invertible, with exact log-determinants, and latents shaped like their features."""
+
+import pytest
+import torch
+
+from uflow_batch.config import FlowConfig
+from uflow_batch.model.cflow import CONDITION_DIMS, CFlow, positional_encoding
+from uflow_batch.model.fastflow import FastFlow
+from uflow_batch.model.flow import UFlow
+
+TINY = [(3, 4, 4), (6, 2, 2), (16, 1, 1)]  # finest first
+KINDS = [FastFlow, CFlow]
+
+
+def randomized(flow, scale: float = 0.3):
+    """Every trainable parameter moved away from its identity initialization."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            if parameter.requires_grad:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return flow
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_latents_have_the_shapes_of_their_features(kind):
+    flow = kind(TINY, FlowConfig(steps_per_stage=2))
+    assert flow.latent_shapes == TINY
+    latents, log_det = flow([torch.randn(2, *s) for s in TINY])
+    assert [tuple(z.shape[1:]) for z in latents] == TINY and log_det.shape == (2,)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inverse_of_forward_is_the_identity(kind):
+    torch.manual_seed(0)
+    flow = randomized(kind(TINY, FlowConfig(steps_per_stage=3))).double()
+    normalized = flow.standardize([torch.randn(2, *s, dtype=torch.float64) for s in TINY])
+    latents, _ = flow.transform(normalized)
+    # CFlow's soft permutations are random orthogonal matrices that FrEIA stores, with their
+    # transposes as inverses, in float32: orthogonal to about 1e-7, whatever the dtype afterwards.
+    tolerance = 1e-9 if kind is FastFlow else 1e-5
+    for original, recovered in zip(normalized, flow.inverse(latents)):
+        torch.testing.assert_close(recovered, original, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_log_determinant_equals_the_numerical_jacobian(kind):
+    torch.manual_seed(1)
+    flow = randomized(kind(TINY, FlowConfig(steps_per_stage=2)), scale=0.5).double()
+    sizes = [c * h * w for c, h, w in TINY]
+    x = torch.randn(sum(sizes), dtype=torch.float64)
+
+    def features(flat):
+        return [part.view(1, *shape) for part, shape in zip(torch.split(flat, sizes), TINY)]
+
+    jacobian = torch.autograd.functional.jacobian(lambda flat: torch.cat([z.flatten() for z in flow.transform(features(flat))[0]]), x)
+    _, expected = torch.linalg.slogdet(jacobian)
+    _, log_det = flow.transform(features(x))
+    assert log_det.item() == pytest.approx(expected.item(), rel=1e-8, abs=1e-8)
+    assert abs(expected.item()) > 1.0, "the randomized flow must not be volume preserving"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_load_into_a_freshly_built_flow_and_give_the_same_latents(kind):
+    torch.manual_seed(2)
+    trained = randomized(kind(TINY, FlowConfig(steps_per_stage=2)))
+    torch.manual_seed(3)  # a different random permutation at construction
+    fresh = kind(TINY, FlowConfig(steps_per_stage=2))
+    fresh.load_state_dict(trained.state_dict(), strict=True)
+    features = [torch.randn(2, *s) for s in TINY]
+    for a, b in zip(trained(features)[0], fresh(features)[0]):
+        torch.testing.assert_close(a, b)
+
+
+def test_only_the_u_shaped_flow_makes_its_scales_jointly_independent():
+    assert UFlow.scales_independent and not FastFlow.scales_independent and not CFlow.scales_independent
+
+
+def test_fastflow_steps_alternate_the_configured_kernels():
+    flow = FastFlow(TINY, FlowConfig(steps_per_stage=3, subnet_kernels=(3, 1)))
+    steps = list(flow.scales[0].module_list)[1:]  # after the per-position affine
+    assert [step.subnet[0].kernel_size[0] for step in steps] == [3, 1, 3]
+
+
+def test_cflow_conditions_every_position_on_where_it_is():
+    encoding = positional_encoding(CONDITION_DIMS, 4, 6)
+    assert encoding.shape == (CONDITION_DIMS, 4, 6)
+    vectors = encoding.flatten(1).T
+    assert torch.cdist(vectors, vectors).add(torch.eye(24) * 1e3).min() > 0.1, "no two positions share an encoding"
+    flow = randomized(CFlow([(3, 4, 6)], FlowConfig(steps_per_stage=2)))
+    same_feature_everywhere = torch.ones(1, 3, 4, 6)
+    latent = flow.transform([same_feature_everywhere])[0][0]
+    assert latent[0].flatten(1).std(dim=1).min() > 1e-3, "equal features at different places get different latents"
