@@ -255,3 +255,13 @@ def test_a_heavy_tail_is_extrapolated_from_its_own_exceedances_not_from_the_bulk
     assert bulk_only.statistic_at(-6.0) < 0.3 * truth, "the chi-square shape would flag normal parts a hundred times too often"
     values = tailed.log10_sf(torch.tensor([0.0, tailed.tail_start, truth], dtype=torch.float64))
     assert values[0] == 0.0 and values[1] == pytest.approx(math.log10(tailed.tail_mass)) and values[2] == pytest.approx(-6.0, abs=0.3)
+
+
+def test_scales_that_are_not_jointly_independent_are_combined_by_their_minimum_and_keep_the_promise():
+    one = noise(50, shapes=[(8, 16, 16)], seed=6)[0]
+    copies = [one, one.clone(), one.clone()]  # three "scales" that are one: the worst dependence there is
+    shapes = [(8, 16, 16)] * 3
+    product = false_alarms([ScanNFA(shapes, NFAConfig())(copies)], (1.0,))
+    assert product.detections_per_image[0] > 1.0, "k-of-L tails multiply evidence that is not independent"
+    bonferroni = false_alarms([ScanNFA(shapes, NFAConfig(), scales_independent=False)(copies)], (0.1, 1.0))
+    assert all(d <= e for d, e in zip(bonferroni.detections_per_image, bonferroni.epsilons))

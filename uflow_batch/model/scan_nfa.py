@@ -26,8 +26,13 @@ are as small as the k smallest of them, for the best k:
 P_k = P(Binomial(L, p_(k)) >= k), and P = L * min_k P_k (Bonferroni over
 k). A single extreme scale fires through k = 1 (P = L p_(1) at most); a
 defect that every scale sees moderately fires through k = L, where no scale
-alone would. The scales are independent under the background model: the
-flow's latents of all scales together are N(0, I) on normal images.
+alone would. The scales are independent under the background model of
+U-Flow: its latents of all scales together are N(0, I) on normal images.
+Flows that map each scale on its own (FastFlow, CFlow-AD) give latents that
+are N(0, I) scale by scale but transforms of the same image's features
+across scales, so for them (``scales_independent=False``) only k = 1 is
+used: P = L p_(1), the Bonferroni bound, which holds whatever the dependence
+(a product of the scales' tails would not).
 
 Every test is counted: N = (windows) x (cells of the finest grid), and
 log10 NFA = log10 N + log10 P (+ a calibration correction, see
@@ -86,7 +91,7 @@ def log10_binomial_tail(log10_p: torch.Tensor, k: int, n: int) -> torch.Tensor:
     return torch.logsumexp(torch.stack(terms), dim=0) / _LN10
 
 
-def log10_cross_scale(log10_p: torch.Tensor) -> torch.Tensor:
+def log10_cross_scale(log10_p: torch.Tensor, independent: bool = True) -> torch.Tensor:
     """(B, L, H, W) per-scale log10 p -> (B, H, W) log10 P of the cross-scale test (see the module docstring).
 
     Only cells where some scale has p < 1 are computed: with the tails above
@@ -97,7 +102,8 @@ def log10_cross_scale(log10_p: torch.Tensor) -> torch.Tensor:
     cells = log10_p.permute(0, 2, 3, 1).reshape(-1, scales)
     active = (cells < 0).any(dim=1)
     ordered = torch.sort(cells[active], dim=1).values
-    per_k = torch.stack([log10_binomial_tail(ordered[:, k - 1], k, scales) for k in range(1, scales + 1)])
+    orders = range(1, scales + 1) if independent else (1,)
+    per_k = torch.stack([log10_binomial_tail(ordered[:, k - 1], k, scales) for k in orders])
     out = torch.zeros(cells.shape[0], dtype=torch.float64, device=log10_p.device)
     out[active] = (per_k.amin(dim=0) + math.log10(scales)).clamp_max(0.0)
     return out.view(batch, height, width)
@@ -108,12 +114,15 @@ class ScanNFA(nn.Module):
 
     ``latent_shapes`` lists each scale's (C, H, W), finest first; a window
     larger than a scale's grid is skipped on that scale.
+    ``scales_independent`` says whether the flow makes its scales' latents
+    jointly independent (U-Flow does; per-scale flows do not).
     """
 
     def __init__(self, latent_shapes: Sequence[Sequence[int]], config: NFAConfig,
-                 calibration: Calibration | None = None) -> None:
+                 calibration: Calibration | None = None, scales_independent: bool = True) -> None:
         super().__init__()
         self.config = config
+        self.scales_independent = scales_independent
         self.latent_shapes = [tuple(int(v) for v in shape) for shape in latent_shapes]
         self.tests = [
             (scale, window)
@@ -159,7 +168,8 @@ class ScanNFA(nn.Module):
     def relevance(self, window: int) -> float:
         """log10 of the largest per-scale tail probability that can matter to a test of this window."""
         scales = sum(1 for _, w in self.tests if w == window)
-        return (math.log10(NFA_CEILING) - self.log10_offset() - math.log10(scales)) / scales
+        level = math.log10(NFA_CEILING) - self.log10_offset() - math.log10(scales)
+        return level / scales if self.scales_independent else level
 
     def cross_scale(self, log10_p: dict[tuple[int, int], torch.Tensor], window: int) -> torch.Tensor:
         """(B, H0, W0) log10 P of the cross-scale test of ``window`` at every cell of the finest grid.
@@ -174,7 +184,7 @@ class ScanNFA(nn.Module):
         for scale in (s for s, w in self.tests if w == window):
             values = F.pad(log10_p[scale, window][:, None], (pad,) * 4, value=0.0)
             per_scale.append(F.interpolate(values, size=size, mode="nearest")[:, 0])
-        return log10_cross_scale(torch.stack(per_scale, dim=1))
+        return log10_cross_scale(torch.stack(per_scale, dim=1), self.scales_independent)
 
     def deviates(self, energy: torch.Tensor, scale: int) -> torch.Tensor:
         """(B, H, W): cells whose own single-cell tail probability is below 1 - ``nfa.mask_p``."""
