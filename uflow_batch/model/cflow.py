@@ -4,8 +4,9 @@ Each position's feature vector is mapped on its own, conditioned on a 2D
 sinusoidal encoding of where it is, so one small flow learns a different
 density for every place of the part. The coupling subnets are MLPs
 (Linear-ReLU-Linear, twice as wide as their input); the steps are FrEIA's
-``AllInOneBlock`` with a soft (random orthogonal) permutation, as in the
-paper's code.
+``AllInOneBlock`` with hard channel permutations (anomalib's default; a soft,
+random orthogonal one is stored in float32 and is invertible only to about
+1e-5).
 
 The latents are returned as maps of the features' shapes, so the anomaly map
 and the verdict read them like any other flow's. Positions are transformed
@@ -63,7 +64,7 @@ def build_conditional_flow(channels: int, config: FlowConfig) -> ff.SequenceINN:
     flow = ff.SequenceINN(channels)
     for _ in range(config.steps_per_stage):
         flow.append(fm.AllInOneBlock, cond=0, cond_shape=(CONDITION_DIMS,), subnet_constructor=mlp_subnet,
-                    affine_clamping=config.affine_clamp, permute_soft=True)
+                    affine_clamping=config.affine_clamp, permute_soft=False)
     return flow
 
 
