@@ -22,12 +22,14 @@ from .config import (
     ConfigError,
     DetectorConfig,
     FlowConfig,
+    MODEL_KINDS,
     NFA_TESTS,
     NFAConfig,
     ScoreRequest,
     ScoringResources,
     TaskResources,
     TrainConfig,
+    parse_category_kinds,
     validate_run_date,
 )
 from .model.backbones import available_backbones
@@ -53,6 +55,8 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
 def detector_options(command):
     """Options that define a detector's architecture (recorded in its manifest)."""
     options = [
+        click.option("--kind", type=click.Choice(list(MODEL_KINDS)), default=_default(DetectorConfig, "kind"), show_default=True,
+                     help="The flow: uflow (U-Flow), fastflow, cflow (CFlow-AD) or differnet (image verdict only, no mask)."),
         click.option("--backbone", default=_default(BackboneConfig, "name"), show_default=True,
                      help=f"Frozen feature extractor: {', '.join(available_backbones())}."),
         click.option("--input-size", default=_default(BackboneConfig, "input_size"), show_default=True,
@@ -100,9 +104,10 @@ def training_options(command):
     return command
 
 
-def build_detector_config(backbone, input_size, backbone_weights, layers, steps_per_stage, nfa_test, scan_windows, nfa_windows,
+def build_detector_config(kind, backbone, input_size, backbone_weights, layers, steps_per_stage, nfa_test, scan_windows, nfa_windows,
                           nfa_p, mask_p, epsilon, false_alarm_rate, image_score) -> DetectorConfig:
     return DetectorConfig(
+        kind=kind,
         backbone=BackboneConfig(name=backbone, input_size=_ints(input_size), weights=backbone_weights, layers=_ints(layers)),
         flow=FlowConfig(steps_per_stage=steps_per_stage),
         nfa=NFAConfig(test=nfa_test, p=nfa_p, windows=_ints(nfa_windows), scan_windows=_ints(scan_windows), mask_p=mask_p, epsilon=epsilon,
@@ -161,7 +166,7 @@ def train(data, category, out, **options) -> None:
 
 
 def _split_configs(options: dict) -> tuple[DetectorConfig, TrainConfig]:
-    detector_keys = ("backbone", "input_size", "backbone_weights", "layers", "steps_per_stage", "nfa_test", "scan_windows",
+    detector_keys = ("kind", "backbone", "input_size", "backbone_weights", "layers", "steps_per_stage", "nfa_test", "scan_windows",
                      "nfa_windows", "nfa_p", "mask_p", "epsilon", "false_alarm_rate", "image_score")
     detector_config = build_detector_config(**{k: options.pop(k) for k in detector_keys})
     return detector_config, TrainConfig(**options)
@@ -175,9 +180,11 @@ def _split_configs(options: dict) -> tuple[DetectorConfig, TrainConfig]:
 @click.option("--num-gpus", default=None, type=float, help="GPUs per category task (default: 1 if the cluster has GPUs, else 0).")
 @click.option("--max-attempts", default=_default(TaskResources, "max_attempts"), show_default=True, help="Attempts per category before it is reported failed.")
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).")
+@click.option("--category-kinds", default=None,
+              help="Another flow for some categories, e.g. washer=fastflow,fabric=cflow (the others use --kind).")
 @detector_options
 @training_options
-def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, address, **options) -> None:
+def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, address, category_kinds, **options) -> None:
     """Train every category in parallel on a Ray cluster and publish the models."""
     from .pipelines.ray_env import prepare_ray_env
 
@@ -186,13 +193,16 @@ def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, addres
     from .pipelines.train_all import train_all as run_train_all
 
     detector_config, train_config = _split_configs(options)
+    kinds = parse_category_kinds(category_kinds)
     resources = TaskResources(num_cpus=num_cpus, num_gpus=num_gpus, max_attempts=max_attempts)
     from .data import discover_categories
 
     wanted = [c for c in categories.split(",") if c] if categories else discover_categories(data)
+    if set(kinds) - set(wanted):
+        raise ConfigError(f"--category-kinds names categories that are not trained: {', '.join(sorted(set(kinds) - set(wanted)))}")
     with ray_session(address), tqdm(total=len(wanted), desc="categories", unit="category", file=sys.stderr) as bar:
         outcomes = run_train_all(data, models, wanted, detector_config, train_config, resources,
-                                 on_done=lambda o: (bar.update(), bar.set_postfix_str(f"{o.category}: {o.status}")))
+                                 on_done=lambda o: (bar.update(), bar.set_postfix_str(f"{o.category}: {o.status}")), kinds=kinds)
     rows = [{**o.as_dict(), "seconds": round(o.seconds, 1), "best_val_loss": o.best_val_loss if o.best_val_loss is not None else "-",
              "model_version": o.model_version or "-", "node": (o.node_id or "-")[:8]} for o in outcomes]
     click.echo(format_table(rows, [("status", "status"), ("attempts", "attempts"), ("epochs", "epochs"),
@@ -309,11 +319,12 @@ def run_job(spec, run_date, dry_run) -> None:
 
 
 EVALUATION_COLUMNS = [
-    ("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"),
+    ("kind", "kind"), ("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"),
     ("false_alarms_good", "false alarms"), ("recall", "recall"), ("oracle_recall", "oracle recall"),
     ("iou_nfa", "IoU NFA"), ("iou_fair", "IoU fair"), ("iou_oracle", "IoU oracle"),
     ("mean_iou_nfa", "mIoU NFA"), ("mean_iou_fair", "mIoU fair"), ("mean_iou_oracle", "mIoU oracle"),
-    ("image_auroc_nfa", "img AUROC (NFA)"), ("ms_per_image", "ms/img"),
+    ("image_auroc_nfa", "img AUROC (NFA)"), ("ms_per_image", "ms/img"), ("training_seconds", "train s"),
+    ("trainable_parameters", "parameters"),
 ]
 
 
@@ -386,11 +397,14 @@ def evaluate(data, model_dirs, store_url, category, device, batch_size, json_out
         with tqdm(desc=f"evaluate {name}", unit="img", file=sys.stderr) as bar:
             report = evaluate_detector(detector, data, name, batch_size=batch_size,
                                        on_image=lambda done, total: _advance(bar, done, total),
-                                       fair_threshold=manifest.fair_threshold)
+                                       fair_threshold=manifest.fair_threshold,
+                                       training_seconds=manifest.training_seconds)
         rows.append(report.as_dict())
-    if len(rows) > 1:
-        mean = {key: sum(r[key] for r in rows) / len(rows) for key, _ in EVALUATION_COLUMNS}
-        rows.append({"category": "mean", **mean})
+    for kind in sorted({r["kind"] for r in rows}):
+        of_kind = [r for r in rows if r["kind"] == kind]
+        if len(of_kind) > 1:
+            mean = {key: sum(r[key] for r in of_kind) / len(of_kind) for key, _ in EVALUATION_COLUMNS if key != "kind"}
+            rows.append({"category": "mean", "kind": kind, **mean})
     click.echo(format_table(rows, EVALUATION_COLUMNS))
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=2))

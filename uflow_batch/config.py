@@ -209,6 +209,8 @@ class FlowConfig:
 
 
 NFA_TESTS = ("scan", "block")
+# The flows a detector can use (uflow_batch.model.registry builds them): U-Flow, FastFlow, CFlow-AD, DifferNet.
+MODEL_KINDS = ("uflow", "fastflow", "cflow", "differnet")
 
 
 @dataclass(frozen=True)
@@ -260,15 +262,33 @@ IMAGE_SCORES = ("anomaly_max", "nfa_max")
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Everything that defines a trained detector's architecture and outputs."""
+    """Everything that defines a trained detector's architecture and outputs.
 
+    ``kind`` names the flow between the frozen features and the latents
+    (:data:`MODEL_KINDS`); backbone, training, verdict and outputs are shared
+    by every kind, and ``flow`` sets each kind's steps per scale and clamp.
+    """
+
+    kind: str = "uflow"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     nfa: NFAConfig = field(default_factory=NFAConfig)
     image_score: str = "anomaly_max"
 
     def __post_init__(self) -> None:
+        require(self.kind in MODEL_KINDS, f"kind must be one of {list(MODEL_KINDS)}, got {self.kind!r}")
         require(self.image_score in IMAGE_SCORES, f"image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+
+
+def parse_category_kinds(text: str | None) -> dict[str, str]:
+    """``washer=fastflow,fabric=cflow`` -> {category: kind}, each name and kind checked."""
+    kinds: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        category, equals, kind = item.partition("=")
+        require(bool(equals) and is_safe_name(category), f"category kinds: {item!r} must be CATEGORY=KIND")
+        require(kind in MODEL_KINDS, f"category kinds: {category}={kind!r}: the kind must be one of {list(MODEL_KINDS)}")
+        kinds[category] = kind
+    return kinds
 
 
 @dataclass(frozen=True)

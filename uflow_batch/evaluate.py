@@ -109,6 +109,7 @@ def best_iou_threshold(scores: np.ndarray, truth: np.ndarray) -> tuple[float, fl
 @dataclass
 class EvaluationReport:
     category: str
+    kind: str
     n_images: int
     n_anomalous: int
     image_auroc: float
@@ -129,6 +130,8 @@ class EvaluationReport:
     mean_iou_fair: float
     image_auroc_nfa: float
     ms_per_image: float
+    trainable_parameters: int
+    training_seconds: float
     per_defect_image_auroc: dict[str, float] = field(default_factory=dict)
     calibration_curve: dict[str, list[float]] = field(default_factory=dict)
 
@@ -199,11 +202,12 @@ def evaluate_detector(
     batch_size: int = 8,
     on_image: Callable[[int, int], None] | None = None,
     fair_threshold: float = math.nan,
+    training_seconds: float = math.nan,
 ) -> EvaluationReport:
     """Every metric of the module docstring on ``category``'s test split.
 
-    ``fair_threshold`` is the model's (its manifest's): without one, the
-    fair masks' IoUs are NaN.
+    ``fair_threshold`` and ``training_seconds`` are the model's (its
+    manifest's): without a fair threshold, the fair masks' IoUs are NaN.
     """
     items = data.test_images(data_root, category)
     scored, seconds = score_test_split(detector, items, batch_size, on_image)
@@ -237,6 +241,7 @@ def evaluate_detector(
 
     return EvaluationReport(
         category=category,
+        kind=detector.config.kind,
         n_images=len(scored),
         n_anomalous=int(labels.sum()),
         image_auroc=float(roc_auc_score(labels, image_scores)),
@@ -257,6 +262,8 @@ def evaluate_detector(
         mean_iou_fair=mean_iou(fair_masks, truths) if fair_masks is not None else float("nan"),
         image_auroc_nfa=float(roc_auc_score(labels, nfa_scores)),
         ms_per_image=1000.0 * seconds / len(scored),
+        trainable_parameters=sum(p.numel() for p in detector.flow.parameters() if p.requires_grad),
+        training_seconds=training_seconds,
         per_defect_image_auroc=per_defect,
         calibration_curve={} if curve is None else {
             "epsilon": list(curve.epsilons),

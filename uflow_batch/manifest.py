@@ -96,6 +96,11 @@ class ModelManifest:
         return self.config.backbone.input_size
 
     @property
+    def training_seconds(self) -> float:
+        """Feature extraction plus flow fitting; NaN for a model saved outside training."""
+        return math.nan if self.training is None else self.training.feature_seconds + self.training.fit_seconds
+
+    @property
     def fair_threshold(self) -> float:
         """The anomaly-map level that raised no alarm on held-out normal images; NaN when unknown."""
         return math.nan if self.training is None else self.training.fair_threshold

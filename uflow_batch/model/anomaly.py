@@ -122,6 +122,7 @@ def image_result(
     original_size: tuple[int, int],
     epsilon: float,
     false_alarm_rate: float,
+    localizes: bool = True,
 ) -> ImageResult:
     """Verdict, mask and regions for one image.
 
@@ -131,11 +132,13 @@ def image_result(
     with NFA < ``epsilon``. Interpolation to the original size can shave a
     one-cell peak below the mask threshold: a flagged image then keeps its
     peak pixel, so a verdict always shows where it comes from. An image that
-    is not flagged has an empty mask (and costs no resize).
+    is not flagged has an empty mask (and costs no resize). A model that
+    does not ``localize`` (DifferNet: one latent per image) gives the
+    verdict only, never a mask.
     """
     is_anomalous = significance > -math.log10(false_alarm_rate)
-    if not is_anomalous:
-        return ImageResult(float(image_score), float(significance), false_alarm_rate, False, np.zeros(original_size, dtype=bool))
+    if not is_anomalous or not localizes:
+        return ImageResult(float(image_score), float(significance), false_alarm_rate, is_anomalous, np.zeros(original_size, dtype=bool))
     full = resize_map(neg_log10_nfa.float(), original_size).cpu().numpy()
     mask = full > -math.log10(epsilon)
     if not mask.any():

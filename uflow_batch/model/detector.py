@@ -1,4 +1,4 @@
-"""The detector: frozen features, the U-shaped flow and the NFA as one module.
+"""The detector: frozen features, a flow (U-Flow or another kind, :mod:`.registry`) and the NFA as one module.
 
 Torch only: saving and loading a detector is :mod:`uflow_batch.checkpoint`'s,
 its training loss :mod:`.loss`.
@@ -15,8 +15,8 @@ from ..config import DetectorConfig, NFAConfig
 from .anomaly import ImageResult, anomaly_map, image_result
 from .backbones import FeatureExtractor, backbone_spec, build_extractor, state_dict_sha256
 from .calibration import Calibration
-from .flow import UFlow
 from .nfa import BlockNFA
+from .registry import build_flow, localizes
 from .scan_nfa import ScanNFA
 
 @dataclass
@@ -29,10 +29,15 @@ class ScoreMaps:
     image_score: torch.Tensor  # (B,)
 
 
-def build_nfa(latent_shapes: list[tuple[int, int, int]], config: NFAConfig, calibration: Calibration | None = None) -> BlockNFA | ScanNFA:
-    """The a-contrario test the configuration names, with its background calibration if any."""
-    test = ScanNFA if config.test == "scan" else BlockNFA
-    return test(latent_shapes, config, calibration)
+def build_nfa(latent_shapes: list[tuple[int, int, int]], config: NFAConfig, calibration: Calibration | None = None,
+              scales_independent: bool = True) -> BlockNFA | ScanNFA:
+    """The a-contrario test the configuration names, with its background calibration if any.
+
+    ``scales_independent`` (the flow's) decides how the scan test combines scales.
+    """
+    if config.test == "scan":
+        return ScanNFA(latent_shapes, config, calibration, scales_independent=scales_independent)
+    return BlockNFA(latent_shapes, config, calibration)
 
 
 class UFlowDetector(nn.Module):
@@ -46,8 +51,8 @@ class UFlowDetector(nn.Module):
         spec = backbone_spec(config.backbone.name)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-        self.flow = UFlow(self.extractor.feature_shapes(config.backbone.input_size), config.flow)
-        self.nfa = build_nfa(self.flow.latent_shapes, config.nfa)
+        self.flow = build_flow(config.kind, self.extractor.feature_shapes(config.backbone.input_size), config.flow)
+        self.nfa = build_nfa(self.flow.latent_shapes, config.nfa, scales_independent=self.flow.scales_independent)
 
     def use_nfa(self, config: NFAConfig, calibration: Calibration | None = None) -> None:
         """Test with other NFA settings: they act only on the latents, so no retraining is needed.
@@ -57,7 +62,7 @@ class UFlowDetector(nn.Module):
         """
         if calibration is None and config.test == self.config.nfa.test:
             calibration = self.nfa.calibration
-        self.nfa = build_nfa(self.flow.latent_shapes, config, calibration).to(self.device)
+        self.nfa = build_nfa(self.flow.latent_shapes, config, calibration, self.flow.scales_independent).to(self.device)
         self.config = replace(self.config, nfa=config)
 
     @torch.inference_mode()
@@ -120,8 +125,9 @@ class UFlowDetector(nn.Module):
         epsilon = self.config.nfa.epsilon if epsilon is None else epsilon
         rate = self.config.nfa.false_alarm_rate if false_alarm_rate is None else false_alarm_rate
         significance = maps.significance.cpu().tolist()
+        masks = localizes(self.flow)
         return [
-            image_result(float(maps.image_score[i]), maps.neg_log10_nfa[i], significance[i], size, epsilon, rate)
+            image_result(float(maps.image_score[i]), maps.neg_log10_nfa[i], significance[i], size, epsilon, rate, masks)
             for i, size in enumerate(original_sizes)
         ]
 

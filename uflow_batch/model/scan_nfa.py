@@ -169,7 +169,8 @@ class ScanNFA(nn.Module):
         """log10 of the largest per-scale tail probability that can matter to a test of this window."""
         scales = sum(1 for _, w in self.tests if w == window)
         level = math.log10(NFA_CEILING) - self.log10_offset() - math.log10(scales)
-        return level / scales if self.scales_independent else level
+        # With few tests (DifferNet's one per image) every tail can matter: a probability is at most 1.
+        return min(0.0, level / scales if self.scales_independent else level)
 
     def cross_scale(self, log10_p: dict[tuple[int, int], torch.Tensor], window: int) -> torch.Tensor:
         """(B, H0, W0) log10 P of the cross-scale test of ``window`` at every cell of the finest grid.

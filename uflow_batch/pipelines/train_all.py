@@ -100,8 +100,14 @@ def train_all(
     train_config: TrainConfig | None = None,
     resources: TaskResources | None = None,
     on_done: Callable[[CategoryOutcome], None] | None = None,
+    kinds: dict[str, str] | None = None,
 ) -> list[CategoryOutcome]:
-    """Fan training out over the Ray cluster (the caller holds the Ray session)."""
+    """Fan training out over the Ray cluster (the caller holds the Ray session).
+
+    ``kinds`` picks another flow for some categories (the others use
+    ``detector_config.kind``), so one night trains each product line with
+    the detector chosen for it.
+    """
     detector_config = detector_config or DetectorConfig()
     train_config = train_config or TrainConfig()
     resources = resources or TaskResources()
@@ -119,7 +125,8 @@ def train_all(
         num_cpus=resources.num_cpus, num_gpus=num_gpus, max_retries=resources.max_attempts - 1, retry_exceptions=False,
     )
     pending = {
-        task.remote(data_url, c, models_url, detector_config, train_config, resources.max_attempts, resources.num_cpus): c
+        task.remote(data_url, c, models_url, replace(detector_config, kind=(kinds or {}).get(c, detector_config.kind)),
+                    train_config, resources.max_attempts, resources.num_cpus): c
         for c in todo
     }
     log.info("training %d categories (%s CPU, %s GPU each)", len(todo), resources.num_cpus, num_gpus)
