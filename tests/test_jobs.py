@@ -117,7 +117,8 @@ BAD_SPECS = [
     ("name with capitals", spec_with(name="Nightly"), "name"),
     ("name with underscore", spec_with(name="nightly_tiles"), "name"),
     ("name ending in a dash", spec_with(name="nightly-"), "name"),
-    ("name too long", spec_with(name="n" * 41), "name"),
+    ("name too long for KubeRay with the night's -YYYYMMDD", spec_with(name="n" * 39), "47"),
+    ("name starting with a digit (not DNS-1035)", spec_with(name="1nightly"), "DNS-1035"),
     ("cron with 6 fields", spec_with(schedule="0 0 2 * * *"), "schedule"),
     ("cron minute out of range", spec_with(schedule="61 2 * * *"), "minute"),
     ("cron hour out of range", spec_with(schedule="0 24 * * *"), "hour"),
@@ -324,3 +325,8 @@ def test_a_mistyped_key_is_named_with_the_field_it_most_likely_meant():
         job_spec_from_dict(data)
     with pytest.raises(ConfigError, match=r"'batchsize' \(did you mean 'batch_size'\?\)"):
         job_spec_from_dict(spec_with(resources={"batchsize": 4}))
+
+
+def test_the_longest_name_kuberay_accepts_with_its_date_suffix_is_valid():
+    spec = job_spec_from_dict(spec_with(name="n" * 38))
+    assert len(f"{spec.name}-20261202") == 47

@@ -49,10 +49,12 @@ log = logging.getLogger(__name__)
 RUN_DATE_PLACEHOLDER = "{run_date}"
 CATEGORY_PARTITION, RUN_DATE_PARTITION = PARTITION_COLUMNS
 
-# The CronJob names each night's RayJob ``<name>-<YYYYMMDD>``; KubeRay derives
-# further names (cluster, submitter Job, pods) from it and Kubernetes caps
-# names and label values at 63 characters, so the spec name stays short.
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+# The CronJob names each night's RayJob ``<name>-<YYYYMMDD>`` (9 more characters),
+# and KubeRay >= 1.4 rejects a RayJob whose name is over 47 characters or not a
+# DNS-1035 label (it derives the cluster's and submitter's names from it, and
+# Kubernetes caps those at 63): a spec name is a DNS-1035 label of at most 38.
+MAX_NAME_LENGTH = 47 - len("-YYYYMMDD")
+_NAME_RE = re.compile(rf"^[a-z]([a-z0-9-]{{0,{MAX_NAME_LENGTH - 2}}}[a-z0-9])?$")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _RAY_ADDRESS_RE = re.compile(r"^(auto|local|ray://\S+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
 
@@ -168,8 +170,9 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         require(isinstance(self.name, str) and _NAME_RE.match(self.name) is not None,
-                 f"name must be 1-40 characters of [a-z0-9-], starting and ending with a letter or digit, "
-                 f"got {self.name!r}")
+                 f"name must be a DNS-1035 label of 1-{MAX_NAME_LENGTH} characters of [a-z0-9-], starting with a "
+                 f"letter and ending with a letter or digit: KubeRay rejects a RayJob name over 47 characters or "
+                 f"not DNS-1035, and the night adds -YYYYMMDD; got {self.name!r}")
         validate_cron(self.schedule, "schedule")
 
         inputs = (self.inputs,) if isinstance(self.inputs, str) else self.inputs
