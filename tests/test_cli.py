@@ -211,3 +211,10 @@ def test_a_local_ray_instance_the_cli_starts_is_kept_on_loopback_and_a_remote_cl
     assert local.get("RAY_AUTH_MODE") == "disabled" and local.get("RAY_USAGE_STATS_ENABLED") == "0"
     remote = ray_env_at_import(tmp_path, *score, "--address", "10.0.0.7:6379")
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in remote, "a driver joining a cluster must advertise a reachable address"
+
+
+def test_the_version_is_printed_and_matches_the_package():
+    from uflow_batch import __version__
+
+    done = uflow("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"uflow-batch {__version__}"

@@ -277,3 +277,26 @@ def test_a_night_that_holds_several_rows_of_an_image_counts_it_once(scores):
     per_night = records(analysts.run_query("defect_rate_per_night", str(scores.root)))
     assert sum(r["n_images"] for r in per_night) == len(scores.rows)
     assert {(r["run_date"], r["image_uri"]) for r in scores.superseded} <= {(r["run_date"], r["image_uri"]) for r in scores.rows}
+
+
+def test_the_cli_prints_a_query_as_csv_or_json_lines_with_every_row(scores):
+    import io
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "uflow_batch.cli", "query", "top_anomalous", "--scores", str(scores.root),
+                               "--limit", "1", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    expected = analysts.run_query("top_anomalous", str(scores.root)).to_pandas()
+    assert len(expected) > 1, "the limit must not apply to machine-readable output"
+    as_csv = pd.read_csv(io.StringIO(cli("--format", "csv")))
+    assert list(as_csv.columns) == list(expected.columns) and len(as_csv) == len(expected)
+    lines = [json.loads(line) for line in cli("--format", "json").splitlines()]
+    assert [row["image_uri"] for row in lines] == list(expected["image_uri"])
+    assert "more rows" in cli()  # the table for people keeps its limit

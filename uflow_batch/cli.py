@@ -17,6 +17,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from . import __version__
 from .config import (
     BackboneConfig,
     ConfigError,
@@ -137,6 +138,7 @@ class _EpochBar:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", count=True, help="-v for progress logs, -vv for debug.")
+@click.version_option(__version__, "--version", prog_name="uflow-batch", message="%(prog)s %(version)s")
 def main(verbose: int) -> None:
     """Train U-Flow anomaly detectors per product category and score image archives at scale."""
     _setup_logging(verbose)
@@ -455,8 +457,10 @@ def report(scores, out, top, categories, run_dates) -> None:
 @main.command()
 @click.argument("name", required=False)
 @click.option("--scores", default=None, help="Root of the scores dataset (local path or s3:// URL).")
-@click.option("--limit", default=50, show_default=True, help="Rows to print at most.")
-def query(name, scores, limit) -> None:
+@click.option("--limit", default=50, show_default=True, help="Rows to print at most (table format only).")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="table for people; csv or json (one object per line) for scripts, every row.")
+def query(name, scores, limit, output_format) -> None:
     """Run one of the shipped analyst queries (DuckDB); without NAME, list them."""
     from .analysts import query_names, run_query
 
@@ -468,9 +472,14 @@ def query(name, scores, limit) -> None:
     if name not in query_names():
         raise click.UsageError(f"no query named {name!r}; known: {', '.join(query_names())}")
     table = run_query(name, scores)
-    click.echo(table.slice(0, limit).to_pandas().to_string(index=False))
-    if table.num_rows > limit:
-        click.echo(f"... {table.num_rows - limit} more rows")
+    if output_format == "csv":
+        click.echo(table.to_pandas().to_csv(index=False), nl=False)
+    elif output_format == "json":
+        click.echo(table.to_pandas().to_json(orient="records", lines=True, date_format="iso"), nl=False)
+    else:
+        click.echo(table.slice(0, limit).to_pandas().to_string(index=False))
+        if table.num_rows > limit:
+            click.echo(f"... {table.num_rows - limit} more rows")
 
 
 @main.command("backbones")
