@@ -1,4 +1,4 @@
-"""FastFlow and CFlow-AD: invertible, with exact log-determinants, and latents shaped like their features."""
+"""FastFlow, CFlow-AD and DifferNet: invertible, with exact log-determinants, and latents shaped like their features."""
 
 import pytest
 import torch
@@ -9,6 +9,8 @@ from uflow_batch.model.differnet import DifferNet
 from uflow_batch.model.fastflow import FastFlow
 from uflow_batch.model.flow import UFlow
 
+from test_flow import randomized
+
 TINY = [(3, 4, 4), (6, 2, 2), (16, 1, 1)]  # finest first
 KINDS = [FastFlow, CFlow, DifferNet]
 
@@ -16,16 +18,6 @@ KINDS = [FastFlow, CFlow, DifferNet]
 def transform_shapes(flow) -> list[tuple[int, ...]]:
     """The shapes the invertible part takes: the features' own, or DifferNet's pooled vector."""
     return [tuple(x.shape[1:]) for x in flow.standardize([torch.zeros(1, *s) for s in TINY])]
-
-
-def randomized(flow, scale: float = 0.3):
-    """Every trainable parameter moved away from its identity initialization."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in flow.parameters():
-            if parameter.requires_grad:
-                parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
-    return flow
 
 
 @pytest.mark.parametrize("kind", [FastFlow, CFlow])
@@ -39,7 +31,7 @@ def test_latents_have_the_shapes_of_their_features(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_inverse_of_forward_is_the_identity(kind):
     torch.manual_seed(0)
-    flow = randomized(kind(TINY, FlowConfig(steps_per_stage=3))).double()
+    flow = randomized(kind(TINY, FlowConfig(steps_per_stage=3)), scale=0.3).double()
     normalized = flow.standardize([torch.randn(2, *s, dtype=torch.float64) for s in TINY])
     assert [tuple(x.shape[1:]) for x in normalized] == transform_shapes(flow)
     latents, _ = flow.transform(normalized)
@@ -68,7 +60,7 @@ def test_log_determinant_equals_the_numerical_jacobian(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_weights_load_into_a_freshly_built_flow_and_give_the_same_latents(kind):
     torch.manual_seed(2)
-    trained = randomized(kind(TINY, FlowConfig(steps_per_stage=2)))
+    trained = randomized(kind(TINY, FlowConfig(steps_per_stage=2)), scale=0.3)
     torch.manual_seed(3)  # different random permutations at construction
     fresh = kind(TINY, FlowConfig(steps_per_stage=2))
     fresh.load_state_dict(trained.state_dict(), strict=True)
@@ -100,7 +92,7 @@ def test_cflow_conditions_every_position_on_where_it_is():
     assert encoding.shape == (CONDITION_DIMS, 4, 6)
     vectors = encoding.flatten(1).T
     assert torch.cdist(vectors, vectors).add(torch.eye(24) * 1e3).min() > 0.1, "no two positions share an encoding"
-    flow = randomized(CFlow([(3, 4, 6)], FlowConfig(steps_per_stage=2)))
+    flow = randomized(CFlow([(3, 4, 6)], FlowConfig(steps_per_stage=2)), scale=0.3)
     same_feature_everywhere = torch.ones(1, 3, 4, 6)
     per_position = flow.transform([same_feature_everywhere])[0][0][0].flatten(1).T.detach()
     distances = torch.cdist(per_position, per_position) + torch.eye(24) * 1e3

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import FlowConfig
-from .flow import Shape, standardize
+from .flow import PerScaleFlows, Shape
 
 CONDITION_DIMS = 128  # the paper's positional encoding size
 
@@ -60,32 +60,22 @@ def mlp_subnet(channels_in: int, channels_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(channels_in, 2 * channels_in), nn.ReLU(), last)
 
 
-def build_conditional_flow(channels: int, config: FlowConfig) -> ff.SequenceINN:
-    flow = ff.SequenceINN(channels)
+def build_conditional_flow(shape: Shape, config: FlowConfig) -> ff.SequenceINN:
+    """One scale's flow over its (C,) feature vectors, conditioned on the position encoding."""
+    flow = ff.SequenceINN(shape[0])
     for _ in range(config.steps_per_stage):
         flow.append(fm.AllInOneBlock, cond=0, cond_shape=(CONDITION_DIMS,), subnet_constructor=mlp_subnet,
                     affine_clamping=config.affine_clamp, permute_soft=False)
     return flow
 
 
-class CFlow(nn.Module):
+class CFlow(PerScaleFlows):
     """A conditional flow over the feature vectors of each scale; latents keep the features' shapes."""
 
-    scales_independent = False
-
     def __init__(self, feature_shapes: Sequence[Shape], config: FlowConfig) -> None:
-        super().__init__()
-        self.feature_shapes = [tuple(s) for s in feature_shapes]
-        self.latent_shapes = list(self.feature_shapes)
-        self.config = config
-        self.scales = nn.ModuleList(build_conditional_flow(c, config) for c, _, _ in self.feature_shapes)
+        super().__init__(feature_shapes, config, build_conditional_flow)
         for index, (_, height, width) in enumerate(self.feature_shapes):
             self.register_buffer(f"encoding_{index}", positional_encoding(CONDITION_DIMS, height, width), persistent=False)
-
-    standardize = staticmethod(standardize)
-
-    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return self.transform(self.standardize(features))
 
     def _vectors(self, maps: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B*H*W, C) vectors and their (B*H*W, P) conditions."""

@@ -22,10 +22,9 @@ from collections.abc import Sequence
 import FrEIA.framework as ff
 import FrEIA.modules as fm
 import torch
-from torch import nn
 
 from ..config import FlowConfig
-from .flow import PositionAffine, Shape, coupling_subnet, standardize
+from .flow import PerScaleFlows, PositionAffine, Shape, coupling_subnet
 
 
 def build_scale_flow(shape: Shape, config: FlowConfig) -> ff.SequenceINN:
@@ -39,22 +38,11 @@ def build_scale_flow(shape: Shape, config: FlowConfig) -> ff.SequenceINN:
     return flow
 
 
-class FastFlow(nn.Module):
+class FastFlow(PerScaleFlows):
     """One 2D flow per feature scale; latents keep the features' shapes."""
 
-    scales_independent = False
-
     def __init__(self, feature_shapes: Sequence[Shape], config: FlowConfig) -> None:
-        super().__init__()
-        self.feature_shapes = [tuple(s) for s in feature_shapes]
-        self.latent_shapes = list(self.feature_shapes)
-        self.config = config
-        self.scales = nn.ModuleList(build_scale_flow(shape, config) for shape in self.feature_shapes)
-
-    standardize = staticmethod(standardize)
-
-    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return self.transform(self.standardize(features))
+        super().__init__(feature_shapes, config, build_scale_flow)
 
     def transform(self, normalized: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The invertible map from standardized features to latents, scale by scale."""

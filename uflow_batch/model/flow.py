@@ -19,7 +19,7 @@ log-likelihood down without bound while learning nothing about normality.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import FrEIA.framework as ff
 import FrEIA.modules as fm
@@ -140,6 +140,29 @@ def named_modules_of(graph: ff.GraphINN) -> nn.ModuleDict:
     """
     modules = {node.name: node.module for node in graph.node_list if node.module is not None}
     return nn.ModuleDict(sorted(modules.items()))
+
+
+class PerScaleFlows(nn.Module):
+    """The base of flows that map each scale on its own (FastFlow, CFlow-AD); latents keep the features' shapes.
+
+    Each scale's latent is N(0, I) on its own, but across scales they are
+    transforms of the same image's features: not jointly independent.
+    """
+
+    scales_independent = False
+
+    def __init__(self, feature_shapes: Sequence[Shape], config: FlowConfig,
+                 build_scale: Callable[[Shape, FlowConfig], nn.Module]) -> None:
+        super().__init__()
+        self.feature_shapes = [tuple(s) for s in feature_shapes]
+        self.latent_shapes = list(self.feature_shapes)
+        self.config = config
+        self.scales = nn.ModuleList(build_scale(shape, config) for shape in self.feature_shapes)
+
+    standardize = staticmethod(standardize)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.transform(self.standardize(features))
 
 
 class UFlow(nn.Module):
