@@ -61,9 +61,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import ContextManager
+from unittest import mock
 
 log = logging.getLogger(__name__)
 
@@ -158,28 +159,6 @@ def free_port_pairs(count: int, host: str = "127.0.0.1", reserved: tuple[int, ..
             sock.close()
 
 
-class _EnvPatch:
-    """Variables set in ``os.environ`` now; :meth:`restore` (or leaving the ``with``) puts the old values back."""
-
-    def __init__(self, values: Mapping[str, str]) -> None:
-        self._saved = {name: os.environ.get(name) for name in values}
-        os.environ.update(values)
-
-    def restore(self) -> None:
-        for name, value in self._saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self._saved = {}
-
-    def __enter__(self) -> _EnvPatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-
 class S3Server:
     """One SeaweedFS all-in-one server with one bucket, owned by this process.
 
@@ -268,9 +247,9 @@ class S3Server:
         """``s3://<bucket>/<parts...>``."""
         return "/".join([f"s3://{self.bucket}", *(p.strip("/") for p in parts if p)])
 
-    def apply_env(self) -> _EnvPatch:
-        """Set :attr:`env` in ``os.environ`` now; use as a context manager (or call ``.restore()``) to undo."""
-        return _EnvPatch(self.env)
+    def apply_env(self) -> ContextManager[dict[str, str]]:
+        """A ``with`` block in which ``os.environ`` holds :attr:`env`; the previous values come back after it."""
+        return mock.patch.dict(os.environ, self.env)
 
     def export_lines(self) -> str:
         """``export NAME=value`` lines a POSIX shell can source."""
