@@ -218,3 +218,19 @@ def test_the_version_is_printed_and_matches_the_package():
 
     done = uflow("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"uflow-batch {__version__}"
+
+
+def test_a_versioned_training_recipe_sets_the_options_and_the_command_line_still_wins(tmp_path):
+    data = make_tiny_mvtec(tmp_path / "data", n_train=8, n_good=2, n_per_defect=1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"kind": "fastflow", "input_size": [64, 64], "max_epochs": 3, "batch_size": 4}))
+    model = tmp_path / "model"
+    trained = uflow("train", "--config", str(recipe), "--data", str(data), "--category", "tile_exp1", "--out", str(model),
+                    "--epochs", "1")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["config"]["kind"] == "fastflow" and manifest["config"]["backbone"]["input_size"] == [64, 64]
+    assert manifest["training"]["epochs"] == 1, "--epochs on the command line overrides the recipe's max_epochs"
+    recipe.write_text("epochz: 3\n")
+    typo = uflow("train", "--config", str(recipe), "--data", str(data), "--category", "tile_exp1", "--out", str(model))
+    assert typo.returncode == 2 and "did you mean 'max_epochs'" in typo.stderr

@@ -30,6 +30,7 @@ from .config import (
     ScoringResources,
     TaskResources,
     TrainConfig,
+    check_known_fields,
     parse_category_kinds,
     validate_run_date,
 )
@@ -89,8 +90,33 @@ def detector_options(command):
     return command
 
 
+def _load_recipe(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
+    """``--config FILE``: a YAML mapping of this command's options, used as their defaults.
+
+    A training recipe can then be versioned beside the data; options given on
+    the command line still win. Keys are option names with underscores
+    (``max_epochs`` is ``--epochs``: the names are the configuration's).
+    """
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from exc
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values, got {type(recipe).__name__}")
+    names = {p.name for p in ctx.command.params if p.name != "config"}
+    check_known_fields(f"--config {path}", recipe, names)
+    ctx.default_map = {**(ctx.default_map or {}), **{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in recipe.items()}}
+    return path
+
+
 def training_options(command):
     options = [
+        click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_recipe,
+                     help="YAML file of option values (keys: option names with underscores), e.g. a versioned training recipe."),
         click.option("--epochs", "max_epochs", default=_default(TrainConfig, "max_epochs"), show_default=True, help="Maximum epochs (early stopping may end sooner)."),
         click.option("--batch-size", default=_default(TrainConfig, "batch_size"), show_default=True),
         click.option("--lr", "learning_rate", default=_default(TrainConfig, "learning_rate"), show_default=True, help="Adam learning rate (peak of the schedule)."),
