@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
+from uflow_batch.checkpoint import read_manifest
 from uflow_batch.storage import ModelStore
 from uflow_batch.synthetic import write_scoring_archive
 
@@ -66,7 +67,7 @@ def test_train_all_trains_categories_on_both_nodes_and_reports_failures(cluster,
     (data / "broken" / "train" / "good" / "b.png").write_bytes(b"")
     models = tmp_path / "models"
     result = uflow(env, "train-all", "--data", str(data), "--models", str(models), "--address", address,
-                   "--input-size", "64,64", "--epochs", "2", "--batch-size", "4")
+                   "--input-size", "64,64", "--epochs", "2", "--batch-size", "4", "--category-kinds", "fabric=fastflow")
     assert result.returncode == 1, "a failed category makes the command fail"
     table = [line.split() for line in result.stdout.splitlines() if line.split() and line.split()[0] in ("broken", *TINY_SYNTHETIC.categories)]
     status = {row[0]: row[1] for row in table}
@@ -74,7 +75,10 @@ def test_train_all_trains_categories_on_both_nodes_and_reports_failures(cluster,
     nodes = {row[-1] for row in table if row[1] == "ok"}
     assert len(nodes) == 2, f"categories trained concurrently on both nodes: {result.stdout}"
     assert "broken failed" in result.stderr and "train/good/a.png" in result.stderr
-    assert sorted(ModelStore(str(models)).categories()) == ["brushed_metal", "fabric"]
+    store = ModelStore(str(models))
+    assert sorted(store.categories()) == ["brushed_metal", "fabric"]
+    kinds = {c: read_manifest(store.fetch(c)[0]).config.kind for c in store.categories()}
+    assert kinds == {"brushed_metal": "uflow", "fabric": "fastflow"}, "one night, a kind per product line"
 
 
 def test_score_streams_an_archive_through_the_cluster(cluster, model_store, tmp_path):
