@@ -265,3 +265,8 @@ def test_scales_that_are_not_jointly_independent_are_combined_by_their_minimum_a
     assert product.detections_per_image[0] > 1.0, "k-of-L tails multiply evidence that is not independent"
     bonferroni = false_alarms([ScanNFA(shapes, NFAConfig(), scales_independent=False)(copies)], (0.1, 1.0))
     assert all(d <= e for d, e in zip(bonferroni.detections_per_image, bonferroni.epsilons))
+
+
+def test_an_image_without_evidence_reports_its_nfa_at_the_ceiling():
+    quiet = [torch.zeros(1, *shape, dtype=torch.float64) for shape in SHAPES]  # every z = 0: nothing unusual anywhere
+    assert ScanNFA(SHAPES, NFAConfig())(quiet).min_log10_nfa.item() == pytest.approx(math.log10(NFA_CEILING))

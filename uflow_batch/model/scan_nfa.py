@@ -204,7 +204,8 @@ class ScanNFA(nn.Module):
         log10_p = self.log10_p(statistics)
         offset = self.log10_offset()
         tests = {window: self.cross_scale(log10_p, window) for window in self.windows}
-        min_log10_nfa = torch.stack([p.flatten(1).amin(dim=1) for p in tests.values()]).amin(dim=0) + offset
+        smallest = torch.stack([p.flatten(1).amin(dim=1) for p in tests.values()]).amin(dim=0) + offset
+        min_log10_nfa = smallest.clamp_max(math.log10(NFA_CEILING))  # above the ceiling, tails were not computed
         return NFAMaps(log10_nfa=self._mask_map(statistics, tests, offset), min_log10_nfa=min_log10_nfa)
 
     def _mask_map(self, statistics: dict, tests: dict[int, torch.Tensor], offset: float) -> torch.Tensor:
