@@ -72,6 +72,7 @@ def test_weights_load_into_a_freshly_built_flow_and_give_the_same_latents(kind):
 def test_differnet_sees_one_pooled_vector_per_image_and_gives_no_mask():
     flow = DifferNet(TINY, FlowConfig(steps_per_stage=2))
     assert flow.latent_shapes == [(3 + 6 + 16, 1, 1)] and not flow.localizes
+    assert UFlow.localizes and FastFlow.localizes and CFlow.localizes, "every other kind keeps positions"
     features = [torch.randn(2, *s) for s in TINY]
     shuffled = [f.flip(-1).flip(-2) for f in features]
     torch.testing.assert_close(flow(features)[0][0], flow(shuffled)[0][0], msg="where a feature is does not matter")

@@ -226,8 +226,8 @@ def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, addres
     from .data import discover_categories
 
     wanted = [c for c in categories.split(",") if c] if categories else discover_categories(data)
-    if set(kinds) - set(wanted):
-        raise ConfigError(f"--category-kinds names categories that are not trained: {', '.join(sorted(set(kinds) - set(wanted)))}")
+    if stray := sorted(set(kinds) - set(wanted)):
+        raise ConfigError(f"--category-kinds names categories that are not trained: {', '.join(stray)}")
     with ray_session(address), tqdm(total=len(wanted), desc="categories", unit="category", file=sys.stderr) as bar:
         outcomes = run_train_all(data, models, wanted, detector_config, train_config, resources,
                                  on_done=lambda o: (bar.update(), bar.set_postfix_str(f"{o.category}: {o.status}")), kinds=kinds)

@@ -16,7 +16,7 @@ from .anomaly import ImageResult, anomaly_map, image_result
 from .backbones import FeatureExtractor, backbone_spec, build_extractor, state_dict_sha256
 from .calibration import Calibration
 from .nfa import BlockNFA
-from .registry import build_flow, localizes
+from .registry import build_flow
 from .scan_nfa import ScanNFA
 
 @dataclass
@@ -125,9 +125,9 @@ class UFlowDetector(nn.Module):
         epsilon = self.config.nfa.epsilon if epsilon is None else epsilon
         rate = self.config.nfa.false_alarm_rate if false_alarm_rate is None else false_alarm_rate
         significance = maps.significance.cpu().tolist()
-        masks = localizes(self.flow)
         return [
-            image_result(float(maps.image_score[i]), maps.neg_log10_nfa[i], significance[i], size, epsilon, rate, masks)
+            image_result(float(maps.image_score[i]), maps.neg_log10_nfa[i], significance[i], size, epsilon, rate,
+                         self.flow.localizes)
             for i, size in enumerate(original_sizes)
         ]
 

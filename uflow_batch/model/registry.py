@@ -24,8 +24,3 @@ FLOWS: dict[str, type[nn.Module]] = {"uflow": UFlow, "fastflow": FastFlow, "cflo
 
 def build_flow(kind: str, feature_shapes: Sequence[Shape], config: FlowConfig) -> nn.Module:
     return FLOWS[kind](feature_shapes, config)
-
-
-def localizes(flow: nn.Module) -> bool:
-    """Whether the flow's latents keep positions (every kind but DifferNet)."""
-    return getattr(flow, "localizes", True)
