@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 
@@ -84,6 +90,95 @@ def test_listings_see_objects_written_by_another_client_meanwhile(s3_bucket_url:
 
     assert storage.list_dirs(s3_bucket_url) == ["first", "second"]
     assert storage.exists(storage.join(s3_bucket_url, "second", "g.bin"))
+
+
+def test_a_listing_names_objects_and_folders_by_url_in_name_order(root_url: str) -> None:
+    for name in ("b.bin", "a/x.bin", "c/deeper/y.bin"):
+        storage.write_bytes_atomic(storage.join(root_url, name), b"1")
+
+    entries = storage.list_entries(root_url)
+
+    assert [e.url for e in entries] == [storage.join(root_url, n) for n in ("a", "b.bin", "c")]
+    assert [(e.name, e.is_dir, e.is_file) for e in entries] == [
+        ("a", True, False), ("b.bin", False, True), ("c", True, False)]
+    assert storage.read_bytes(entries[1].url) == b"1", "a listed URL reads back"
+
+
+def test_an_object_entry_says_its_size_and_when_it_was_modified(root_url: str) -> None:
+    before = datetime.now(timezone.utc) - timedelta(minutes=1)
+    storage.write_bytes_atomic(storage.join(root_url, "f.bin"), b"12345")
+    (entry,) = storage.list_entries(root_url)
+    assert entry.size == 5
+    assert before < entry.mtime < datetime.now(timezone.utc) + timedelta(minutes=1)
+
+
+def test_an_object_on_s3_has_an_etag(s3_bucket_url: str) -> None:
+    storage.write_bytes_atomic(storage.join(s3_bucket_url, "f.bin"), b"12345")
+    (entry,) = storage.list_entries(s3_bucket_url)
+    assert entry.etag and '"' not in entry.etag
+
+
+def test_listing_a_missing_folder_is_file_not_found_unless_missing_is_ok(root_url: str) -> None:
+    with pytest.raises(FileNotFoundError):
+        storage.list_entries(storage.join(root_url, "nowhere"))
+    assert storage.list_entries(storage.join(root_url, "nowhere"), missing_ok=True) == []
+
+
+def test_listing_an_object_is_not_a_directory_unless_missing_is_ok(root_url: str) -> None:
+    url = storage.join(root_url, "f.bin")
+    storage.write_bytes_atomic(url, b"1")
+    with pytest.raises(NotADirectoryError, match="f.bin"):
+        storage.list_entries(url)
+    assert storage.list_entries(url, missing_ok=True) == []
+
+
+def test_glob_returns_the_urls_of_the_matching_objects_in_every_folder(root_url: str) -> None:
+    for name in ("x=1/part-a.parquet", "x=2/part-b.parquet", "x=2/other.parquet", "y=1/part-c.parquet"):
+        storage.write_bytes_atomic(storage.join(root_url, name), name.encode())
+
+    found = storage.glob(storage.join(root_url, "x=*", "part-*.parquet"))
+
+    assert found == [storage.join(root_url, n) for n in ("x=1/part-a.parquet", "x=2/part-b.parquet")]
+    assert [storage.read_bytes(url) for url in found] == [b"x=1/part-a.parquet", b"x=2/part-b.parquet"]
+
+
+def test_find_returns_every_object_below_a_folder_at_any_depth(root_url: str) -> None:
+    for name in ("keep/top.bin", "keep/a/b/deep.bin", "elsewhere/no.bin"):
+        storage.write_bytes_atomic(storage.join(root_url, name), b"1")
+    assert storage.find(storage.join(root_url, "keep")) == [
+        storage.join(root_url, "keep", n) for n in ("a/b/deep.bin", "top.bin")]
+    assert storage.find(storage.join(root_url, "nowhere")) == []
+
+
+def test_remove_deletes_a_folder_with_everything_below_it_and_nothing_else(root_url: str) -> None:
+    for name in ("gone/a.bin", "gone/deeper/b.bin", "kept/c.bin"):
+        storage.write_bytes_atomic(storage.join(root_url, name), b"1")
+
+    storage.remove(storage.join(root_url, "gone"))
+
+    assert storage.find(storage.join(root_url, "gone")) == []
+    assert not storage.exists(storage.join(root_url, "gone", "a.bin"))
+    assert storage.find(root_url) == [storage.join(root_url, "kept", "c.bin")]
+
+
+def test_read_parquet_reads_only_the_columns_asked_for(root_url: str) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"image_uri": ["a", "b"], "model_version": ["v1", "v2"], "mask_png": [b"m", b"n"]}), buffer)
+    url = storage.join(root_url, "part.parquet")
+    storage.write_bytes_atomic(url, buffer.getvalue())
+
+    table = storage.read_parquet(url, columns=["image_uri", "model_version"])
+
+    assert table.to_pydict() == {"image_uri": ["a", "b"], "model_version": ["v1", "v2"]}
+
+
+def test_path_below_compares_paths_not_their_spelling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    image = str(tmp_path / "data" / "in" / "bottle" / "a.png")
+    assert storage.path_below(image, "data/in") == "bottle/a.png"
+    assert storage.path_below(image, f"file://{tmp_path}/data/in/") == "bottle/a.png"
+    assert storage.path_below("s3://bucket/in/bottle/a.png", "s3://bucket/in") == "bottle/a.png"
+    assert storage.path_below("s3://bucket/elsewhere/a.png", "s3://bucket/in") == "bucket/elsewhere/a.png"
 
 
 # --- model store -----------------------------------------------------------------------------
@@ -245,6 +340,101 @@ def test_with_retries_raises_not_found_and_forbidden_at_once(answer: Exception) 
     with pytest.raises(type(answer)):
         storage.with_retries(operation, "read x", base_delay=0.01)
     assert operation.calls == 1
+
+
+class Glitches:
+    """Makes a method of the local filesystem fail its next calls, as a storage glitch would.
+
+    Backoff delays are recorded in ``sleeps`` rather than slept.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch, self.sleeps = monkeypatch, []
+        monkeypatch.setattr(storage.time, "sleep", self.sleeps.append)
+
+    def arm(self, url: str, method: str, failures: int, error: Exception) -> None:
+        fs, _ = storage.filesystem(url)
+        original, left = getattr(fs, method), [failures]
+
+        def glitchy(*args: Any, **kwargs: Any) -> Any:
+            if left[0]:
+                left[0] -= 1
+                raise error
+            return original(*args, **kwargs)
+        self.monkeypatch.setattr(fs, method, glitchy)
+
+
+def basenames(urls: list[str]) -> list[str]:
+    return [url.rsplit("/", 1)[-1] for url in urls]
+
+
+# operation: (the fsspec method it calls, the operation on a folder holding f.bin and sub/g.bin, its answer)
+OPERATIONS: dict[str, tuple[str, Callable[[str], Any], Any]] = {
+    "list_entries": ("ls", lambda root: [e.name for e in storage.list_entries(root)], ["f.bin", "sub"]),
+    "list_dirs": ("ls", storage.list_dirs, ["sub"]),
+    "glob": ("glob", lambda root: basenames(storage.glob(storage.join(root, "*", "*.bin"))), ["g.bin"]),
+    "find": ("find", lambda root: basenames(storage.find(root)), ["f.bin", "g.bin"]),
+    "exists": ("exists", lambda root: storage.exists(storage.join(root, "f.bin")), True),
+    "read_bytes": ("cat_file", lambda root: storage.read_bytes(storage.join(root, "f.bin")), b"payload"),
+    "remove": ("rm", lambda root: storage.remove(storage.join(root, "sub")), None),
+}
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> str:
+    root = str(tmp_path / "root")
+    storage.write_bytes_atomic(storage.join(root, "f.bin"), b"payload")
+    storage.write_bytes_atomic(storage.join(root, "sub", "g.bin"), b"payload")
+    return root
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+def test_every_operation_retries_a_glitch_then_answers_as_if_none_happened(
+    folder: str, operation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    method, run, answer = OPERATIONS[operation]
+    glitches = Glitches(monkeypatch)
+    glitches.arm(folder, method, 2, ConnectionResetError("connection reset by peer"))
+
+    assert run(folder) == answer
+    assert glitches.sleeps == [0.5, 1.0], "two retries, with backoff"
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+def test_an_operation_that_keeps_failing_gives_up_without_quoting_a_credential(
+    folder: str, operation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-0123456789")
+    method, run, _ = OPERATIONS[operation]
+    glitches = Glitches(monkeypatch)
+    glitches.arm(folder, method, 100, TimeoutError("timed out sending secret-0123456789"))
+
+    with pytest.raises(TimeoutError) as failure:
+        run(folder)
+
+    assert "secret-0123456789" not in str(failure.value)
+    assert len(glitches.sleeps) == 4, "five attempts, then the error"
+
+
+def test_a_failure_inside_a_transient_block_becomes_a_retryable_error_quoting_no_credential(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-0123456789")
+    cause = OSError("denied: secret-0123456789")
+    with pytest.raises(storage.TransientStorageError) as raised:
+        with storage.transient("read https://h/b/k?X-Amz-Signature=0123abcd"):
+            raise cause
+    message = str(raised.value)
+    assert message.startswith(storage.TransientStorageError.MARKER), "Ray retries tasks failing with the marker"
+    assert "https://h/b/k" in message and "0123abcd" not in message and "secret-0123456789" not in message
+    assert raised.value.__cause__ is cause
+
+
+def test_the_answers_a_caller_handles_pass_a_transient_block_unchanged() -> None:
+    with pytest.raises(FileNotFoundError, match="s3://b/missing.png"):
+        with storage.transient("read s3://b/missing.png", answers=(FileNotFoundError, IsADirectoryError)):
+            raise FileNotFoundError("s3://b/missing.png")
+
 
 
 # --- credentials never leak ------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""Object storage through fsspec: URLs, retries, atomic writes and the model store.
+"""Object storage through fsspec: URLs, listings, retries, atomic writes and the model store.
+
+This is the only module that touches fsspec. Every other module names places
+by URL and calls the functions here, each of which retries what a retry may
+fix (:func:`with_retries`), quotes no credential in its errors and answers in
+URLs, never in a filesystem's bare paths. Code that must hand a filesystem to
+pyarrow takes it from :func:`filesystem`.
 
 Any fsspec URL works (``s3://``, ``gs://``, ``file://`` or a plain path);
 credentials come from the provider's standard chain (environment, profile,
@@ -21,15 +27,20 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import is_safe_name
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,7 +59,7 @@ def redact(text: str) -> str:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``url`` and the path inside it.
+    """The fsspec filesystem for ``url`` and the path inside it, for handing to pyarrow.
 
     Listings are not cached: other processes write the same prefixes (models,
     partitions), and a cached listing would hide their objects for the life of
@@ -71,16 +82,29 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not isinstance(fs, LocalFileSystem) else path
 
 
+def path_below(url: str, root: str) -> str:
+    """``url``'s path under ``root`` (``bottle/a.png``); its whole path when it is not under ``root``.
+
+    Compared as the filesystem's paths, so ``data/in``, ``/abs/data/in`` and
+    ``file:///abs/data/in`` name the same root.
+    """
+    root_path = filesystem(root)[1].rstrip("/")
+    path = filesystem(url)[1]
+    return path[len(root_path) + 1:] if path.startswith(root_path + "/") else path
+
+
+# --- the transient-error policy ---------------------------------------------------------------
+
 class TransientStorageError(RuntimeError):
     """Storage failed in a way a retry may fix; Ray Data retries the task on it."""
 
     MARKER = "transient storage error"
 
     def __init__(self, what: str, cause: Exception) -> None:
-        super().__init__(f"{self.MARKER}: {what}: {redact(str(cause))}")
+        super().__init__(redact(f"{self.MARKER}: {what}: {cause}"))
 
 
-
+_ANSWERS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _TRANSIENT = (ConnectionError, TimeoutError, OSError)
 
 
@@ -113,8 +137,7 @@ def with_retries(operation: Callable[[], T], what: str, attempts: int = 5, base_
         try:
             return operation()
         except Exception as exc:
-            answer = isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
-            if answer or not isinstance(exc, _TRANSIENT) or attempt == attempts:
+            if isinstance(exc, _ANSWERS) or not isinstance(exc, _TRANSIENT) or attempt == attempts:
                 scrubbed = _scrubbed(exc)
                 if scrubbed is None:
                     raise
@@ -125,9 +148,36 @@ def with_retries(operation: Callable[[], T], what: str, attempts: int = 5, base_
     raise AssertionError("unreachable")
 
 
+@contextmanager
+def transient(what: str, answers: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Inside a Ray task: any failure of the block becomes :class:`TransientStorageError`, which Ray retries.
+
+    By the time an error gets here :func:`with_retries` has given up, yet a
+    new attempt of the whole task may still succeed, and committing an error
+    row for a glitch would be wrong for good. ``answers`` pass unchanged: the
+    errors the caller turns into a row or a message itself (a missing image).
+    """
+    try:
+        yield
+    except answers:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever failed, a retry of the task is the remedy
+        raise TransientStorageError(what, exc) from exc
+
+
+# --- objects ---------------------------------------------------------------------------------
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     return with_retries(lambda: fs.cat_file(path), f"read {url}")
+
+
+def read_parquet(url: str, columns: list[str]) -> pa.Table:
+    """``columns`` of one Parquet file: only their column chunks are fetched, not the whole object."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(url)
+    return with_retries(lambda: pq.read_table(path, columns=columns, filesystem=fs), f"read {url}")
 
 
 def _current_umask() -> int:
@@ -169,11 +219,103 @@ def exists(url: str) -> bool:
     return with_retries(lambda: fs.exists(path), f"stat {url}")
 
 
+def remove(url: str) -> None:
+    """Delete the object or the folder at ``url``, with everything below it."""
+    fs, path = filesystem(url)
+    with_retries(lambda: fs.rm(path, recursive=True), f"delete {url}")
+    fs.invalidate_cache(path)
+
+
+# --- listings --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing a listing found, named by its URL, with what the store says of it.
+
+    Each backend spells its metadata its own way (S3 ``LastModified`` and
+    ``ETag``, GCS ``updated`` and ``md5Hash``, local ``mtime``); the
+    properties read them all, so no caller needs to know which store it lists.
+    """
+
+    url: str
+    info: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def is_dir(self) -> bool:
+        return self.info["type"] == "directory"
+
+    @property
+    def is_file(self) -> bool:
+        return self.info["type"] == "file"
+
+    @property
+    def size(self) -> int:
+        return int(self.info.get("size") or 0)
+
+    @property
+    def etag(self) -> str | None:
+        value = self.info.get("ETag") or self.info.get("etag") or self.info.get("md5Hash")
+        return str(value).strip('"') if value else None
+
+    @property
+    def mtime(self) -> datetime | None:
+        value = self.info.get("LastModified") or self.info.get("mtime") or self.info.get("updated")
+        if isinstance(value, (int, float)):
+            return datetime.fromtimestamp(value, tz=timezone.utc)
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        if isinstance(value, str):
+            return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return None
+
+
+def list_entries(url: str, *, missing_ok: bool = False) -> list[Entry]:
+    """What lies directly in the folder ``url`` (objects and folders), in name order.
+
+    A folder that is not there raises FileNotFoundError; an object raises
+    NotADirectoryError, where fsspec would list it as itself. With
+    ``missing_ok`` both list as empty: for folders that may not exist yet.
+    """
+    fs, path = filesystem(url)
+    try:
+        infos = with_retries(lambda: fs.ls(path, detail=True), f"list {url}")
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise
+    if len(infos) == 1 and infos[0]["type"] == "file" and infos[0]["name"].rstrip("/") == path.rstrip("/"):
+        if missing_ok:
+            return []
+        raise NotADirectoryError(redact(f"{url} is an object, not a folder"))
+    return [Entry(full_url(fs, info["name"].rstrip("/")), info) for info in sorted(infos, key=lambda i: i["name"])]
+
+
 def list_dirs(url: str) -> list[str]:
     """Names of the immediate sub-directories of ``url`` (sorted)."""
     fs, path = filesystem(url)
     entries = with_retries(lambda: fs.ls(path, detail=True), f"list {url}")
     return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+
+def glob(pattern: str) -> list[str]:
+    """URLs of the objects and folders matching ``pattern`` (a URL with ``*`` in it), sorted."""
+    fs, path = filesystem(pattern)
+    return sorted(full_url(fs, p) for p in with_retries(lambda: fs.glob(path), f"glob {pattern}"))
+
+
+def find(url: str) -> list[str]:
+    """URLs of every object below ``url``, at any depth, sorted; none when nothing is there.
+
+    Folders are left out, also where a store keeps listing a prefix as one
+    after its last object is gone (SeaweedFS does).
+    """
+    fs, path = filesystem(url)
+    found = with_retries(lambda: fs.find(path, detail=True), f"list {url}")
+    return sorted(full_url(fs, name) for name, info in found.items() if info.get("type") == "file")
 
 
 # --- model store -----------------------------------------------------------------------------
@@ -286,11 +428,7 @@ class ModelStore:
             return cache, version
         staging = cache.with_name(f".{version}.{uuid.uuid4().hex[:6]}")
         staging.mkdir(parents=True)
-        fs, path = filesystem(source)
-        files = {
-            info["name"].rsplit("/", 1)[-1]: read_bytes(full_url(fs, info["name"]))
-            for info in with_retries(lambda: fs.ls(path, detail=True), f"list {source}") if info["type"] == "file"
-        }
+        files = {entry.name: read_bytes(entry.url) for entry in list_entries(source) if entry.is_file}
         checksums = json.loads(files[CHECKSUMS_FILE]) if CHECKSUMS_FILE in files else None
         for name, data in files.items():
             if checksums is not None and name != CHECKSUMS_FILE and checksums.get(name) != _sha256(data):
