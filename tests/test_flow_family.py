@@ -1,10 +1,11 @@
-"""FastFlow, CFlow-AD and DifferNet: invertible, with exact log-determinants, and latents shaped like their features."""
+"""FastFlow, CFlow-AD, CS-Flow and DifferNet: invertible, with exact log-determinants, and latents shaped like their features."""
 
 import pytest
 import torch
 
-from uflow_batch.config import FlowConfig
+from uflow_batch.config import ConfigError, FlowConfig
 from uflow_batch.model.cflow import CONDITION_DIMS, CFlow, positional_encoding
+from uflow_batch.model.csflow import CSFlow
 from uflow_batch.model.differnet import DifferNet
 from uflow_batch.model.fastflow import FastFlow
 from uflow_batch.model.flow import UFlow
@@ -12,7 +13,7 @@ from uflow_batch.model.flow import UFlow
 from test_flow import randomized
 
 TINY = [(3, 4, 4), (6, 2, 2), (16, 1, 1)]  # finest first
-KINDS = [FastFlow, CFlow, DifferNet]
+KINDS = [FastFlow, CFlow, CSFlow, DifferNet]
 
 
 def transform_shapes(flow) -> list[tuple[int, ...]]:
@@ -20,7 +21,7 @@ def transform_shapes(flow) -> list[tuple[int, ...]]:
     return [tuple(x.shape[1:]) for x in flow.standardize([torch.zeros(1, *s) for s in TINY])]
 
 
-@pytest.mark.parametrize("kind", [FastFlow, CFlow])
+@pytest.mark.parametrize("kind", [FastFlow, CFlow, CSFlow])
 def test_latents_have_the_shapes_of_their_features(kind):
     flow = kind(TINY, FlowConfig(steps_per_stage=2))
     assert flow.latent_shapes == TINY
@@ -72,14 +73,15 @@ def test_weights_load_into_a_freshly_built_flow_and_give_the_same_latents(kind):
 def test_differnet_sees_one_pooled_vector_per_image_and_gives_no_mask():
     flow = DifferNet(TINY, FlowConfig(steps_per_stage=2))
     assert flow.latent_shapes == [(3 + 6 + 16, 1, 1)] and not flow.localizes
-    assert UFlow.localizes and FastFlow.localizes and CFlow.localizes, "every other kind keeps positions"
+    assert UFlow.localizes and FastFlow.localizes and CFlow.localizes and CSFlow.localizes, "every other kind keeps positions"
     features = [torch.randn(2, *s) for s in TINY]
     shuffled = [f.flip(-1).flip(-2) for f in features]
     torch.testing.assert_close(flow(features)[0][0], flow(shuffled)[0][0], msg="where a feature is does not matter")
 
 
-def test_only_the_u_shaped_flow_makes_its_scales_jointly_independent():
-    assert UFlow.scales_independent and not FastFlow.scales_independent and not CFlow.scales_independent
+def test_only_the_flows_of_all_scales_jointly_make_their_scales_independent():
+    assert UFlow.scales_independent and CSFlow.scales_independent
+    assert not FastFlow.scales_independent and not CFlow.scales_independent
 
 
 def test_fastflow_steps_alternate_the_configured_kernels():
@@ -98,3 +100,21 @@ def test_cflow_conditions_every_position_on_where_it_is():
     per_position = flow.transform([same_feature_everywhere])[0][0][0].flatten(1).T.detach()
     distances = torch.cdist(per_position, per_position) + torch.eye(24) * 1e3
     assert distances.min() > 1e-3, "equal features at different places get different latents"
+
+
+def test_csflow_couples_every_scale_with_its_neighbours():
+    """A change on one scale moves the latents of the scales next to it, not only its own."""
+    torch.manual_seed(4)
+    flow = randomized(CSFlow(TINY, FlowConfig(steps_per_stage=1)), scale=0.3).double()
+    features = [torch.randn(1, *s, dtype=torch.float64) for s in TINY]
+    before = flow.transform(features)[0]
+    nudged = [features[0], features[1] + 0.5, features[2]]
+    after = flow.transform(nudged)[0]
+    assert all((a - b).abs().max() > 1e-6 for a, b in zip(before, after)), "one block reaches the finer and the coarser scale"
+
+
+def test_csflow_needs_halving_scales_of_at_least_two_channels():
+    with pytest.raises(ConfigError, match="halve"):
+        CSFlow([(4, 4, 4), (4, 4, 4)], FlowConfig())
+    with pytest.raises(ConfigError, match="fewer than 2"):
+        CSFlow([(4, 4, 4), (1, 2, 2)], FlowConfig())

@@ -209,8 +209,8 @@ class FlowConfig:
 
 
 NFA_TESTS = ("scan", "block")
-# The flows a detector can use (uflow_batch.model.registry builds them): U-Flow, FastFlow, CFlow-AD, DifferNet.
-MODEL_KINDS = ("uflow", "fastflow", "cflow", "differnet")
+# The flows a detector can use (uflow_batch.model.registry builds them): U-Flow, FastFlow, CFlow-AD, CS-Flow, DifferNet.
+MODEL_KINDS = ("uflow", "fastflow", "cflow", "csflow", "differnet")
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,14 @@ from torch import nn
 
 from ..config import FlowConfig
 from .cflow import CFlow
+from .csflow import CSFlow
 from .differnet import DifferNet
 from .fastflow import FastFlow
 from .flow import Shape, UFlow
 
-FLOWS: dict[str, type[nn.Module]] = {"uflow": UFlow, "fastflow": FastFlow, "cflow": CFlow, "differnet": DifferNet}
+FLOWS: dict[str, type[nn.Module]] = {
+    "uflow": UFlow, "fastflow": FastFlow, "cflow": CFlow, "csflow": CSFlow, "differnet": DifferNet,
+}
 
 
 def build_flow(kind: str, feature_shapes: Sequence[Shape], config: FlowConfig) -> nn.Module:
