@@ -176,11 +176,7 @@ class TestImage:
 
 
 def _image_urls(directory: str) -> list[str]:
-    fs, path = storage.filesystem(directory)
-    if not storage.with_retries(lambda: fs.isdir(path), f"stat {directory}"):
-        return []
-    names = storage.with_retries(lambda: fs.ls(path, detail=False), f"list {directory}")
-    return sorted(storage.full_url(fs, n) for n in names if is_image_name(n))
+    return [entry.url for entry in storage.list_entries(directory, missing_ok=True) if is_image_name(entry.name)]
 
 
 def discover_categories(root: str) -> list[str]:

@@ -358,16 +358,13 @@ def apply_retention(output_url: str, today: date, retention_days: int | None, *,
         run_dirs = _partition_values(storage.list_dirs(category_url), RUN_DATE_PARTITION)
         for run_date in expired_run_dates(list(run_dirs), today, retention_days):
             url = storage.join(category_url, run_dirs[run_date])
-            fs, path = storage.filesystem(url)
             # Some S3-compatible stores (SeaweedFS) keep listing a prefix as a
             # folder after its last object is gone: such an empty partition has
             # nothing to delete and is not reported again every night.
-            found = storage.with_retries(lambda: fs.find(path, detail=True), f"list {url}")
-            if not any(info.get("type") == "file" for info in found.values()):
+            if not storage.find(url):
                 continue
             if not dry_run:
-                storage.with_retries(lambda: fs.rm(path, recursive=True), f"delete {url}")
-                fs.invalidate_cache(path)
+                storage.remove(url)
             log.info("retention: %s %s", "would delete" if dry_run else "deleted", url)
             deleted.append(url)
     return deleted

@@ -9,8 +9,8 @@ Its size must not grow with the dataset: distributions are summarised here
 page; only the top-N images get a thumbnail, and only their ``mask_png``
 values are ever read from storage (the mask column is by far the heaviest).
 
-The dataset is read with ``pyarrow.dataset`` through the fsspec filesystem of
-:func:`uflow_batch.storage.filesystem`, so a local directory and an
+The dataset is read with ``pyarrow.dataset`` through the filesystem that
+:func:`uflow_batch.storage.filesystem` hands out, so a local directory and an
 ``s3://`` prefix behave the same.
 """
 
@@ -100,9 +100,9 @@ def open_scores(scores_url: str) -> ds.Dataset:
     schema module documents; an existing directory with no files is an empty
     dataset, a URL that does not exist is an error (most likely a typo).
     """
-    fs, path = storage.filesystem(scores_url)
-    if not storage.with_retries(lambda: fs.exists(path), f"stat {storage.redact(scores_url)}"):
+    if not storage.exists(scores_url):
         raise FileNotFoundError(f"scores dataset {storage.redact(scores_url)} does not exist")
+    fs, path = storage.filesystem(scores_url)
     partitioning = ds.partitioning(
         pa.schema([RESULT_SCHEMA.field(name) for name in PARTITION_COLUMNS]), flavor="hive"
     )

@@ -77,7 +77,7 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def _full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A URL for ``path`` on ``fs`` that :func:`filesystem` maps back to it."""
     return fs.unstrip_protocol(path) if not isinstance(fs, LocalFileSystem) else path
 
@@ -291,7 +291,7 @@ def list_entries(url: str, *, missing_ok: bool = False) -> list[Entry]:
         if missing_ok:
             return []
         raise NotADirectoryError(redact(f"{url} is an object, not a folder"))
-    return [Entry(full_url(fs, info["name"].rstrip("/")), info) for info in sorted(infos, key=lambda i: i["name"])]
+    return [Entry(_full_url(fs, info["name"].rstrip("/")), info) for info in sorted(infos, key=lambda i: i["name"])]
 
 
 def list_dirs(url: str) -> list[str]:
@@ -304,7 +304,7 @@ def list_dirs(url: str) -> list[str]:
 def glob(pattern: str) -> list[str]:
     """URLs of the objects and folders matching ``pattern`` (a URL with ``*`` in it), sorted."""
     fs, path = filesystem(pattern)
-    return sorted(full_url(fs, p) for p in with_retries(lambda: fs.glob(path), f"glob {pattern}"))
+    return sorted(_full_url(fs, p) for p in with_retries(lambda: fs.glob(path), f"glob {pattern}"))
 
 
 def find(url: str) -> list[str]:
@@ -315,7 +315,7 @@ def find(url: str) -> list[str]:
     """
     fs, path = filesystem(url)
     found = with_retries(lambda: fs.find(path, detail=True), f"list {url}")
-    return sorted(full_url(fs, name) for name, info in found.items() if info.get("type") == "file")
+    return sorted(_full_url(fs, name) for name, info in found.items() if info.get("type") == "file")
 
 
 # --- model store -----------------------------------------------------------------------------

@@ -46,7 +46,6 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from .. import storage
-from ..storage import TransientStorageError
 from .schema import FILE_SCHEMA, PARTITION_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -97,10 +96,8 @@ def write_part(output: str, category: str, run_date: str, pkey: str, run_id: str
     data = serialize_part(table)
     name = part_name(pkey, run_id, table.column("image_uri").to_pylist(), table.column("model_version").to_pylist())
     url = storage.join(partition_url(output, category, run_date), name)
-    try:
+    with storage.transient(f"write {url}"):  # storage failed: let Ray retry the task
         storage.write_bytes_atomic(url, data)
-    except Exception as exc:  # noqa: BLE001 - storage failed: let Ray retry the task
-        raise TransientStorageError(f"write {url}", exc) from exc
     return url
 
 
@@ -110,18 +107,12 @@ def unit_parts(output: str, run_date: str, pkey: str, categories: Iterable[str] 
     ``categories`` narrows the search to known partitions (a path unit has
     one category); None searches every category partition (a manifest unit).
     """
-    fs, root = storage.filesystem(output)
     if categories is None:
-        pattern = f"{root.rstrip('/')}/category=*/run_date={run_date}/{PART_PREFIX}{pkey}-*.parquet"
-        return sorted(storage.full_url(fs, p) for p in storage.with_retries(lambda: fs.glob(pattern), f"glob {pattern}"))
+        return storage.glob(storage.join(partition_url(output, "*", run_date), f"{PART_PREFIX}{pkey}-*.parquet"))
     found = []
     for category in categories:
-        directory = partition_url(output, category, run_date)
-        d_fs, d_path = storage.filesystem(directory)
-        if not storage.with_retries(lambda: d_fs.isdir(d_path), f"stat {directory}"):
-            continue
-        names = storage.with_retries(lambda: d_fs.ls(d_path, detail=False), f"list {directory}")
-        found += [storage.full_url(d_fs, n) for n in names if n.rsplit("/", 1)[-1].startswith(f"{PART_PREFIX}{pkey}-")]
+        entries = storage.list_entries(partition_url(output, category, run_date), missing_ok=True)
+        found += [e.url for e in entries if e.name.startswith(f"{PART_PREFIX}{pkey}-")]
     return sorted(found)
 
 
@@ -135,9 +126,7 @@ def committed(output: str, run_date: str, pkey: str, categories: Iterable[str] |
     for url in unit_parts(output, run_date, pkey, categories):
         if exclude_run is not None and run_of(url) == exclude_run:
             continue
-        fs, path = storage.filesystem(url)
-        table = storage.with_retries(
-            lambda: pq.read_table(path, columns=["image_uri", "model_version"], filesystem=fs), f"read {url}")
+        table = storage.read_parquet(url, columns=["image_uri", "model_version"])
         done.update(zip(table.column("image_uri").to_pylist(), table.column("model_version").to_pylist()))
     return done
 

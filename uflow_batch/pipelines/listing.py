@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pyarrow as pa
 import ray
@@ -35,7 +35,6 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from .. import storage
-from ..storage import TransientStorageError
 from ..config import ConfigError, ScoreRequest, check_category_pattern, is_category_name, require
 from ..data import is_image_name
 from .commit import committed, unit_key
@@ -93,24 +92,22 @@ def plan_units(inputs: list[str], category_from: str = "path", manifest: str | N
     units = []
     folders: set[str] = set()
     for root in dict.fromkeys(url.rstrip("/") for url in inputs):
-        fs, path = storage.filesystem(root)
         try:
-            entries = storage.with_retries(lambda: fs.ls(path, detail=True), f"list {root}")
+            entries = storage.list_entries(root)
         except FileNotFoundError:
             raise ConfigError(f"input {storage.redact(root)} does not exist") from None
-        if len(entries) == 1 and entries[0]["type"] == "file" and entries[0]["name"].rstrip("/") == path.rstrip("/"):
-            raise ConfigError(f"input {storage.redact(root)} is a file; give the archive folder (<root>/<category>/<image>)")
-        folders.update(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
-        for entry in sorted(entries, key=lambda e: e["name"]):
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry["type"] != "directory":
+        except NotADirectoryError:
+            raise ConfigError(f"input {storage.redact(root)} is a file; "
+                              "give the archive folder (<root>/<category>/<image>)") from None
+        folders.update(e.name for e in entries if e.is_dir)
+        for entry in entries:
+            if not entry.is_dir:
                 continue
-            location = storage.full_url(fs, entry["name"].rstrip("/"))
             if pattern is not None:
-                units.append(ListingUnit(unit_key(location), location, None, "prefix", root, pattern))
-            elif categories is None or name in categories:
-                units.append(ListingUnit(unit_key(location), location, partition_category(name), "prefix", root))
-        has_loose_files = any(e["type"] == "file" and is_image_name(e["name"]) for e in entries)
+                units.append(ListingUnit(unit_key(entry.url), entry.url, None, "prefix", root, pattern))
+            elif categories is None or entry.name in categories:
+                units.append(ListingUnit(unit_key(entry.url), entry.url, partition_category(entry.name), "prefix", root))
+        has_loose_files = any(e.is_file and is_image_name(e.name) for e in entries)
         if has_loose_files and (categories is None or pattern is not None):
             category = None if pattern is not None else UNCATEGORIZED
             units.append(ListingUnit(unit_key(root + "/*"), root, category, "files", root, pattern))
@@ -120,67 +117,40 @@ def plan_units(inputs: list[str], category_from: str = "path", manifest: str | N
     return units
 
 
-def _relative(url: str, root: str) -> str:
-    root_path = storage.filesystem(root)[1].rstrip("/")
-    path = storage.filesystem(url)[1]
-    return path[len(root_path) + 1:] if path.startswith(root_path + "/") else path
-
-
-def _mtime(info: dict) -> datetime | None:
-    value = info.get("LastModified") or info.get("mtime") or info.get("updated")
-    if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if isinstance(value, str):
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return None
-
-
-def _etag(info: dict) -> str | None:
-    value = info.get("ETag") or info.get("etag") or info.get("md5Hash")
-    return str(value).strip('"') if value else None
-
-
-def object_row(url: str, info: dict, category: str) -> dict:
+def object_row(url: str, entry: storage.Entry, category: str) -> dict:
     return {
         "image_uri": url,
         "category": category,
-        "object_size": int(info.get("size") or 0),
-        "object_etag": _etag(info),
-        "object_mtime": _mtime(info),
+        "object_size": entry.size,
+        "object_etag": entry.etag,
+        "object_mtime": entry.mtime,
     }
 
 
-def _ls(fs, path: str, what: str) -> list[dict]:
-    try:
-        return storage.with_retries(lambda: fs.ls(path, detail=True), what)
-    except (FileNotFoundError, PermissionError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - anything else may pass; let Ray retry the task
-        raise TransientStorageError(what, exc) from exc
+_GONE = (FileNotFoundError, NotADirectoryError)  # a folder that was listed and is no longer one
 
 
-def walk_sorted(url: str, recursive: bool = True) -> Iterator[tuple[str, dict]]:
-    """(url, info) of files below ``url`` in a deterministic order, one directory in memory at a time.
+def walk_sorted(url: str, recursive: bool = True) -> Iterator[tuple[str, storage.Entry]]:
+    """(url, entry) of files below ``url`` in a deterministic order, one directory in memory at a time.
 
     A directory that vanished since it was seen is skipped: its objects are
-    gone, there is nothing to score.
+    gone, there is nothing to score. Any other failure to list is raised for
+    Ray to retry the task (a denied listing is raised as it is).
     """
-    fs, root = storage.filesystem(url)
-    stack = [root]
+    stack = [url]
     while stack:
         directory = stack.pop()
         try:
-            entries = sorted(_ls(fs, directory, f"list {directory}"), key=lambda e: e["name"])
-        except FileNotFoundError:
-            log.warning("%s vanished while it was listed", storage.full_url(fs, directory))
+            with storage.transient(f"list {directory}", answers=(*_GONE, PermissionError)):
+                entries = storage.list_entries(directory)
+        except _GONE:
+            log.warning("%s vanished while it was listed", directory)
             continue
         for entry in entries:
-            if entry["type"] == "file":
-                yield storage.full_url(fs, entry["name"]), entry
+            if entry.is_file:
+                yield entry.url, entry
         if recursive:
-            stack.extend(e["name"] for e in reversed(entries) if e["type"] == "directory")
+            stack.extend(e.url for e in reversed(entries) if e.is_dir)
 
 
 def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | None = None,
@@ -200,7 +170,7 @@ def iter_unit(unit: ListingUnit, started_at: datetime, categories: list[str] | N
             continue
         category = unit.category
         if pattern is not None:
-            match = pattern.search(_relative(url, unit.root))
+            match = pattern.search(storage.path_below(url, unit.root))
             category = partition_category(match.group("category") if match else None)
             if categories is not None and category not in categories:
                 continue
@@ -218,12 +188,8 @@ def read_manifest_records(url: str) -> list[tuple[str, str]]:
     The driver reads it before anything runs, so a bad line or a repeated uri
     stops the job at the edge rather than half-way through, with rows written.
     """
-    try:
+    with storage.transient(f"read manifest {url}", answers=(FileNotFoundError, PermissionError)):
         text = storage.read_bytes(url).decode("utf-8")
-    except (FileNotFoundError, PermissionError):
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise TransientStorageError(f"read manifest {url}", exc) from exc
     records: list[tuple[str, str]] = []
     seen: set[str] = set()
     if url.endswith((".jsonl", ".ndjson", ".json")):
@@ -295,10 +261,9 @@ def read_unit(unit: ListingUnit, context: ListingContext) -> Iterator[pa.Table]:
     The parts this run writes meanwhile are ignored (see :mod:`.commit`), so a
     replayed task lists exactly what it listed the first time.
     """
-    try:
+    # Cannot tell what is done: retry the task rather than duplicate rows.
+    with storage.transient(f"read committed parts of {unit.location}"):
         done = committed(context.output, context.run_date, unit.key, unit.partitions, exclude_run=context.run_id)
-    except Exception as exc:  # noqa: BLE001 - cannot tell what is done: retry rather than duplicate
-        raise TransientStorageError(f"read committed parts of {unit.location}", exc) from exc
     block, skipped, late = [], 0, []
 
     def to_score(row: dict) -> dict | None:

@@ -26,7 +26,6 @@ from ..config import ConfigError
 from ..manifest import ModelFormatError
 from ..model import UFlowDetector, resolve_device
 from ..model.backbones import BackboneWeightsError
-from ..storage import TransientStorageError
 from . import rows
 from .schema import DECODED_SCHEMA, ROUTED_SCHEMA
 
@@ -59,6 +58,9 @@ def fetch_and_decode(batch: pa.Table, input_sizes: dict[str, tuple[int, int]], u
     return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 
 
+_NO_IMAGE = (FileNotFoundError, IsADirectoryError)  # the image's own row says so; any other failure is retried
+
+
 def _fetch_one(item: dict[str, Any], input_sizes: dict[str, tuple[int, int]], unusable: dict[str, str]) -> dict[str, Any]:
     decoded = {**item, "width": None, "height": None, "pixels": None, "error": None, "error_message": None}
     category = item["category"]
@@ -67,11 +69,10 @@ def _fetch_one(item: dict[str, Any], input_sizes: dict[str, tuple[int, int]], un
     if item["model_version"] is None or category not in input_sizes:
         return {**decoded, "error": "no_model", "error_message": f"no trained model for category {category!r}"}
     try:
-        raw = storage.read_bytes(item["image_uri"])
-    except (FileNotFoundError, IsADirectoryError) as exc:
+        with storage.transient(f"read {item['image_uri']}", answers=_NO_IMAGE):  # else fail the task: Ray retries it
+            raw = storage.read_bytes(item["image_uri"])
+    except _NO_IMAGE as exc:
         return {**decoded, "error": "read_error", "error_message": f"{type(exc).__name__}: {exc}"}
-    except Exception as exc:  # noqa: BLE001 - fail the task so Ray retries it
-        raise TransientStorageError(f"read {item['image_uri']}", exc) from exc
     if decoded["object_size"] is None:
         decoded["object_size"] = len(raw)
     try:
@@ -81,6 +82,9 @@ def _fetch_one(item: dict[str, Any], input_sizes: dict[str, tuple[int, int]], un
         message = str(exc) if isinstance(exc, data.ImageDecodeError) else f"{type(exc).__name__}: {exc}"
         return {**decoded, "error": "decode_error", "error_message": message}
     return {**decoded, "height": height, "width": width, "pixels": pixels}
+
+
+_UNUSABLE_MODEL = (ModelFormatError, ConfigError, BackboneWeightsError, storage.ModelIntegrityError)
 
 
 class CategoryScorer:
@@ -130,13 +134,12 @@ class CategoryScorer:
         return results_table(out)
 
     def _score_group(self, category: str, version: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        try:
-            detector = self.detector(category, version)
-        except (ModelFormatError, ConfigError, BackboneWeightsError, storage.ModelIntegrityError) as exc:  # unusable: every image says so
+        try:  # a model that fails to arrive is retried with the task rather than committed as errors
+            with storage.transient(f"load model {category}/{version}", answers=_UNUSABLE_MODEL):
+                detector = self.detector(category, version)
+        except _UNUSABLE_MODEL as exc:  # unusable: every image says so
             message = f"model {category}/{version} cannot be used: {type(exc).__name__}: {exc}"
             return [_error_row(i, "inference_error", message) for i in items]
-        except Exception as exc:  # noqa: BLE001 - fetching it failed: retry the task rather than commit errors
-            raise TransientStorageError(f"load model {category}/{version}", exc) from exc
         try:
             return self._infer(detector, items)
         except Exception:  # noqa: BLE001 - find the image that breaks the batch
