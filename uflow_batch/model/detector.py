@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import DetectorConfig, NFAConfig
 from .anomaly import ImageResult, anomaly_map, image_result
-from .backbones import FeatureExtractor, backbone_spec, build_extractor, state_dict_sha256
+from .backbones import FeatureExtractor, backbone_spec, build_extractor
 from .calibration import Calibration
 from .nfa import BlockNFA
 from .registry import build_flow
@@ -137,4 +137,4 @@ class UFlowDetector(nn.Module):
 
     def backbone_checksum(self) -> str:
         """SHA-256 of the frozen backbone's weights: what a saved model records and its loader checks."""
-        return state_dict_sha256(self.extractor.state_dict())
+        return self.extractor.weights_sha256()
