@@ -102,16 +102,14 @@ _CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 def find_regions(mask: np.ndarray, neg_log10_nfa: np.ndarray) -> list[Region]:
     """Connected components of ``mask`` with their boxes, areas and peaks."""
-    labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
-    if count == 0:
-        return []
-    index = np.arange(1, count + 1)
-    areas = ndimage.sum_labels(mask, labels, index)
-    peaks = ndimage.maximum(neg_log10_nfa, labels, index)
+    # Area and peak are taken inside each component's box: scipy's
+    # ndimage.maximum sorts the whole image for that, ~50 ms per image.
+    labels, _ = ndimage.label(mask, structure=_CONNECTIVITY)
     regions = []
-    for box, area, peak in zip(ndimage.find_objects(labels), areas, peaks):
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        own = labels[box] == label
         rows, cols = box
-        regions.append(Region(cols.start, rows.start, cols.stop, rows.stop, int(area), float(peak)))
+        regions.append(Region(cols.start, rows.start, cols.stop, rows.stop, int(own.sum()), float(neg_log10_nfa[box][own].max())))
     return regions
 
 
