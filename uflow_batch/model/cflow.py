@@ -25,12 +25,11 @@ import math
 from collections.abc import Sequence
 
 import FrEIA.framework as ff
-import FrEIA.modules as fm
 import torch
 from torch import nn
 
 from ..config import FlowConfig
-from .flow import PerScaleFlows, Shape
+from .flow import CouplingStep, PerScaleFlows, Shape
 
 CONDITION_DIMS = 128  # the paper's positional encoding size
 
@@ -64,7 +63,7 @@ def build_conditional_flow(shape: Shape, config: FlowConfig) -> ff.SequenceINN:
     """One scale's flow over its (C,) feature vectors, conditioned on the position encoding."""
     flow = ff.SequenceINN(shape[0])
     for _ in range(config.steps_per_stage):
-        flow.append(fm.AllInOneBlock, cond=0, cond_shape=(CONDITION_DIMS,), subnet_constructor=mlp_subnet,
+        flow.append(CouplingStep, cond=0, cond_shape=(CONDITION_DIMS,), subnet_constructor=mlp_subnet,
                     affine_clamping=config.affine_clamp, permute_soft=False)
     return flow
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import FrEIA.framework as ff
-import FrEIA.modules as fm
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..config import FlowConfig
 from .cflow import mlp_subnet
-from .flow import Shape
+from .flow import CouplingStep, Shape
 
 
 class DifferNet(nn.Module):
@@ -44,7 +43,7 @@ class DifferNet(nn.Module):
         self.latent_shapes = [(dims, 1, 1)]
         self.flow = ff.SequenceINN(dims)
         for _ in range(config.steps_per_stage):
-            self.flow.append(fm.AllInOneBlock, subnet_constructor=mlp_subnet, affine_clamping=config.affine_clamp,
+            self.flow.append(CouplingStep, subnet_constructor=mlp_subnet, affine_clamping=config.affine_clamp,
                              permute_soft=False)
 
     @staticmethod

@@ -20,11 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import FrEIA.framework as ff
-import FrEIA.modules as fm
 import torch
 
 from ..config import FlowConfig
-from .flow import PerScaleFlows, PositionAffine, Shape, coupling_subnet
+from .flow import CouplingStep, PerScaleFlows, PositionAffine, Shape, coupling_subnet
 
 
 def build_scale_flow(shape: Shape, config: FlowConfig) -> ff.SequenceINN:
@@ -33,7 +32,7 @@ def build_scale_flow(shape: Shape, config: FlowConfig) -> ff.SequenceINN:
     flow.append(PositionAffine)
     for step in range(config.steps_per_stage):
         kernel = config.subnet_kernels[step % len(config.subnet_kernels)]
-        flow.append(fm.AllInOneBlock, subnet_constructor=coupling_subnet(kernel),
+        flow.append(CouplingStep, subnet_constructor=coupling_subnet(kernel),
                     affine_clamping=config.affine_clamp, permute_soft=False)
     return flow
 
