@@ -155,6 +155,9 @@ class CategoryScorer:
     def _infer(self, detector: UFlowDetector, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         height, width = detector.input_size
         pixels = np.stack([np.frombuffer(i["pixels"], dtype=np.uint8).reshape(3, height, width) for i in items])
-        results = detector.score(torch.from_numpy(pixels), [(i["height"], i["width"]) for i in items],
+        images = torch.from_numpy(pixels)
+        if self.device.type == "cuda":  # page-locked, so the copy to the GPU runs asynchronously
+            images = images.pin_memory()
+        results = detector.score(images, [(i["height"], i["width"]) for i in items],
                                   epsilon=self.epsilon, false_alarm_rate=self.false_alarm_rate)
         return [_with_routing(rows.result_row(i, r), i) for i, r in zip(items, results)]
