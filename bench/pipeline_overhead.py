@@ -63,13 +63,13 @@ import torch  # noqa: E402
 
 from uflow_batch import storage  # noqa: E402
 from uflow_batch.config import BackboneConfig, DetectorConfig, ScoreRequest, ScoringResources, TrainConfig  # noqa: E402
+from uflow_batch.devtools.synthetic import SyntheticConfig, generate_dataset, write_scoring_archive  # noqa: E402
 from uflow_batch.pipelines import commit  # noqa: E402
 from uflow_batch.pipelines.cluster import ray_session  # noqa: E402
 from uflow_batch.pipelines.listing import ListingContext, iter_unit, plan_request_units, plan_units, read_unit  # noqa: E402
 from uflow_batch.pipelines.score import categories_in, resolve_models, run_scoring  # noqa: E402
 from uflow_batch.pipelines.stages import CategoryScorer, fetch_and_decode  # noqa: E402
 from uflow_batch.storage import ModelStore  # noqa: E402
-from uflow_batch.synthetic import SyntheticConfig, generate_dataset, write_scoring_archive  # noqa: E402
 from uflow_batch.train import train_category  # noqa: E402
 
 OVERHEAD_TARGET = 0.8  # Ray images/s over in-process images/s

@@ -16,9 +16,9 @@ import pytest
 
 from uflow_batch.config import BackboneConfig, DetectorConfig, TrainConfig
 from uflow_batch.devtools.s3server import S3Server
+from uflow_batch.devtools.synthetic import SyntheticConfig, generate_dataset
 from uflow_batch.pipelines.cluster import ray_session
 from uflow_batch.storage import ModelStore
-from uflow_batch.synthetic import SyntheticConfig, generate_dataset
 from uflow_batch.train import train_category
 
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from shared_data import make_tiny_mvtec
+from uflow_batch.devtools.synthetic import write_scoring_archive
 from uflow_batch.pipelines.commit import write_part
-from uflow_batch.synthetic import write_scoring_archive
 
 from conftest import TINY_SYNTHETIC
 

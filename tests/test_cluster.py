@@ -19,8 +19,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from uflow_batch.checkpoint import read_manifest
+from uflow_batch.devtools.synthetic import write_scoring_archive
 from uflow_batch.storage import ModelStore
-from uflow_batch.synthetic import write_scoring_archive
 
 from conftest import TINY_SYNTHETIC
 from processes import stop_processes_mentioning

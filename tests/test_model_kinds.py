@@ -11,13 +11,13 @@ import torch
 from uflow_batch import analysts, data, report, storage
 from uflow_batch.checkpoint import load_detector, read_manifest, save_detector
 from uflow_batch.config import MODEL_KINDS, BackboneConfig, ConfigError, DetectorConfig, ScoringResources, TrainConfig, parse_category_kinds
+from uflow_batch.devtools.synthetic import SyntheticConfig, generate_dataset, write_scoring_archive
 from uflow_batch.evaluate import score_test_split
 from uflow_batch.model.calibration import false_alarms
 from uflow_batch.model.registry import FLOWS
 from uflow_batch.pipelines.score import ScoreRequest, run_scoring
 from uflow_batch.pipelines.train_all import train_all
 from uflow_batch.storage import ModelStore
-from uflow_batch.synthetic import SyntheticConfig, generate_dataset, write_scoring_archive
 from uflow_batch.train import train_category
 
 from conftest import TINY_TRAINING

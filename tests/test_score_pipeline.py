@@ -22,9 +22,9 @@ import pytest
 
 from uflow_batch import analysts, storage
 from uflow_batch.config import ScoringResources
+from uflow_batch.devtools.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
 from uflow_batch.pipelines.score import ScoreRequest, run_scoring
 from uflow_batch.storage import ModelStore
-from uflow_batch.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
 
 from conftest import TINY_SYNTHETIC
 from processes import kill_own_workers

@@ -12,13 +12,13 @@ import pytest
 
 from uflow_batch import data
 from uflow_batch.config import ConfigError, ScoreRequest
+from uflow_batch.devtools.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
 from uflow_batch.pipelines import commit
 from uflow_batch.pipelines.listing import UNCATEGORIZED, ListingContext, iter_unit, plan_units, read_unit, walk_sorted
 from uflow_batch.pipelines.schema import DECODED_SCHEMA, FILE_SCHEMA, LISTING_SCHEMA, ROUTED_SCHEMA
 from uflow_batch.pipelines.score import resolve_models
 from uflow_batch.pipelines.stages import CategoryScorer, fetch_and_decode
 from uflow_batch.storage import ModelStore, TransientStorageError
-from uflow_batch.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
 
 from conftest import TINY_SYNTHETIC
 

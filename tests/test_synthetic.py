@@ -11,7 +11,7 @@ from PIL import Image
 
 from uflow_batch import data, storage
 from uflow_batch.config import ConfigError
-from uflow_batch.synthetic import (
+from uflow_batch.devtools.synthetic import (
     CATEGORIES,
     DECODE_ERROR,
     DEFECTS,
@@ -188,7 +188,7 @@ def test_archive_defect_rate_zero_and_one(tmp_path: Path) -> None:
 
 
 def test_module_runs_as_a_script(tmp_path: Path) -> None:
-    from uflow_batch.synthetic import main
+    from uflow_batch.devtools.synthetic.__main__ import main
 
     main(["--out", str(tmp_path / "ds"), "--categories", "fabric", "--image-size", "64", "--n-train", "1",
           "--n-test-good", "1", "--n-test-per-defect", "1", "--archive", str(tmp_path / "arc"), "--archive-size", "1"])

@@ -1,1 +1,1 @@
-"""Development tools: real local services that tests and the demo run against instead of mocks."""
+"""Demo and test tooling, not the product: real local services and generated data instead of mocks."""

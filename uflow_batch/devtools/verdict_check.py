@@ -1,6 +1,6 @@
 """How the night's verdicts compare with what a generated archive truly holds.
 
-The demo knows the truth of its archive (``synthetic --truth-out``), so it
+The demo knows the truth of its archive (``devtools.synthetic --truth-out``), so it
 can say plainly how many defective parts the verdict caught and how many
 good ones it flagged, the two numbers a QA lead asks first.
 
