@@ -45,11 +45,11 @@ RUN_DATE=$(date -u +%F)
 
 if [ -z "$DATA" ]; then
     step "Generating the demo dataset (3 categories, seeded) and tonight's archive into $BUCKET"
-    show $PY -m uflow_batch.synthetic --out "$BUCKET/data" --archive "$BUCKET/archive/$RUN_DATE" --archive-size 30 \
+    show $PY -m uflow_batch.devtools.synthetic --out "$BUCKET/data" --archive "$BUCKET/archive/$RUN_DATE" --archive-size 30 \
         --truth-out "$BUCKET/archive-truth-$RUN_DATE.json"
 else
     step "Staging $DATA and its test images as tonight's archive into $BUCKET"
-    show $PY -m uflow_batch.devtools.stage --data "$DATA" --dataset-url "$BUCKET/data" --archive-url "$BUCKET/archive/$RUN_DATE"
+    show $PY -m uflow_batch.devtools.upload_dataset --data "$DATA" --dataset-url "$BUCKET/data" --archive-url "$BUCKET/archive/$RUN_DATE"
 fi
 
 step "Training every category in parallel (Ray tasks)"

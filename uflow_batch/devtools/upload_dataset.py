@@ -18,7 +18,7 @@ from ..data import discover_categories, is_image_name
 log = logging.getLogger(__name__)
 
 
-def stage(data: Path, dataset_url: str, archive_url: str) -> tuple[int, int]:
+def upload_dataset(data: Path, dataset_url: str, archive_url: str) -> tuple[int, int]:
     """Upload ``data`` to ``dataset_url`` and its test images to ``archive_url``; returns the counts."""
     uploaded = archived = 0
     for category in discover_categories(str(data)):
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--archive-url", required=True, help="where the night's images go")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    uploaded, archived = stage(args.data, args.dataset_url, args.archive_url)
+    uploaded, archived = upload_dataset(args.data, args.dataset_url, args.archive_url)
     log.info("staged %d dataset files to %s and %d test images to %s", uploaded, args.dataset_url, archived, args.archive_url)
 
 
