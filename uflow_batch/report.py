@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +26,13 @@ from datetime import date, datetime, timezone
 
 import jinja2
 import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from PIL import Image, ImageFilter
+from plotly.basedatatypes import BaseTraceType
 
 from . import __version__, storage
 from .data import decode_image, decode_mask
@@ -163,11 +165,17 @@ def read_masks(dataset: ds.Dataset, rows: Sequence[dict]) -> dict[tuple[str, str
     return masks
 
 
-# --- figures (plain Plotly JSON: the page needs plotly.js only, not plotly.py) -----------------
+# --- figures (plotly.graph_objects; the page carries their JSON and draws it with plotly.js) -----
 
 def _colors(categories: Sequence[str]) -> dict[str, str]:
     """A fixed colour per category, so one category looks the same in every chart."""
     return {c: _PALETTE[i % len(_PALETTE)] for i, c in enumerate(categories)}
+
+
+def _figure(traces: Sequence[BaseTraceType], title: str, **layout: object) -> go.Figure:
+    """A figure on plotly.js's own defaults: template "none" keeps the page's look and spares
+    every chart the ~7 KB default template plotly.py would otherwise embed."""
+    return go.Figure(data=list(traces), layout=go.Layout(template="none", title={"text": title}, **layout))
 
 
 def _scored(table: pa.Table) -> pa.Table:
@@ -195,36 +203,34 @@ def category_rows(table: pa.Table) -> list[dict]:
     return rows
 
 
-def defect_rate_figure(table: pa.Table, colors: dict[str, str]) -> dict:
+def defect_rate_figure(table: pa.Table, colors: dict[str, str]) -> go.Figure:
     """Share of scored images flagged anomalous, per category and night (one line per category)."""
     scored = _scored(table)
     grouped = scored.group_by(["category", "run_date"]).aggregate([("is_anomalous", "sum"), ("is_anomalous", "count")])
-    data = []
+    traces = []
     for category in colors:
         part = grouped.filter(pc.equal(grouped.column("category"), category)).sort_by("run_date")
         if part.num_rows == 0:
             continue
         anomalous = part.column("is_anomalous_sum").to_pylist()
         counts = part.column("is_anomalous_count").to_pylist()
-        data.append({
-            "type": "scatter",
-            "mode": "lines+markers",
-            "name": category,
-            "x": part.column("run_date").to_pylist(),
-            "y": [a / n if n else None for a, n in zip(anomalous, counts)],
-            "customdata": [[a, n] for a, n in zip(anomalous, counts)],
-            "hovertemplate": "%{x}<br>%{y:.1%} (%{customdata[0]} of %{customdata[1]})<extra>" + category + "</extra>",
-            "line": {"color": colors[category]},
-        })
-    layout = {
-        "title": {"text": "Defect rate per night"},
-        "xaxis": {"title": {"text": "run date"}, "type": "category"},
-        "yaxis": {"title": {"text": "anomalous / scored"}, "tickformat": ".0%", "rangemode": "tozero"},
-    }
-    return {"data": data, "layout": layout}
+        traces.append(go.Scatter(
+            mode="lines+markers",
+            name=category,
+            x=part.column("run_date").to_pylist(),
+            y=[a / n if n else None for a, n in zip(anomalous, counts)],
+            customdata=[[a, n] for a, n in zip(anomalous, counts)],
+            hovertemplate="%{x}<br>%{y:.1%} (%{customdata[0]} of %{customdata[1]})<extra>" + category + "</extra>",
+            line={"color": colors[category]},
+        ))
+    return _figure(
+        traces, "Defect rate per night",
+        xaxis={"title": {"text": "run date"}, "type": "category"},
+        yaxis={"title": {"text": "anomalous / scored"}, "tickformat": ".0%", "rangemode": "tozero"},
+    )
 
 
-def error_figure(table: pa.Table) -> dict | None:
+def error_figure(table: pa.Table) -> go.Figure | None:
     """Errored images per category, one bar colour per error code; None when nothing failed."""
     errors = table.filter(pc.is_valid(table.column("error")))
     if errors.num_rows == 0:
@@ -233,24 +239,25 @@ def error_figure(table: pa.Table) -> dict | None:
     categories = sorted(set(grouped.column("category").to_pylist()))
     known = list(ERROR_CODES)
     codes = sorted(set(grouped.column("error").to_pylist()), key=lambda c: (c not in known, known.index(c) if c in known else 0, c))
-    data = []
+    traces, columns = [], []
     for code in codes:
         part = grouped.filter(pc.equal(grouped.column("error"), code))
         counts = dict(zip(part.column("category").to_pylist(), part.column("image_uri_count").to_pylist()))
+        column = [counts.get(c, 0) for c in categories]
+        columns.append(column)
         color = _ERROR_PALETTE[known.index(code) % len(_ERROR_PALETTE)] if code in known else "#7f7f7f"
-        data.append({
-            "type": "bar", "name": code, "x": categories, "y": [counts.get(c, 0) for c in categories],
-            "marker": {"color": color}, "hovertemplate": "%{x}: %{y} images<extra>" + code + "</extra>",
-        })
-    tallest = max(sum(trace["y"][i] for trace in data) for i in range(len(categories)))
-    layout = {
-        "title": {"text": "Errored images per category"},
-        "barmode": "stack",
-        "xaxis": {"title": {"text": "category"}, "type": "category"},
+        traces.append(go.Bar(
+            name=code, x=categories, y=column,
+            marker={"color": color}, hovertemplate="%{x}: %{y} images<extra>" + code + "</extra>",
+        ))
+    tallest = max(sum(stack) for stack in zip(*columns))
+    return _figure(
+        traces, "Errored images per category",
+        barmode="stack",
+        xaxis={"title": {"text": "category"}, "type": "category"},
         # whole images only: no 0.5 ticks on small counts
-        "yaxis": {"title": {"text": "images"}, "rangemode": "tozero", **({"dtick": 1} if tallest <= 10 else {})},
-    }
-    return {"data": data, "layout": layout}
+        yaxis={"title": {"text": "images"}, "rangemode": "tozero", **({"dtick": 1} if tallest <= 10 else {})},
+    )
 
 
 def box_statistics(values: np.ndarray) -> dict:
@@ -276,7 +283,7 @@ def _values(table: pa.Table, column: str) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def score_histogram_figure(table: pa.Table, colors: dict[str, str]) -> dict:
+def score_histogram_figure(table: pa.Table, colors: dict[str, str]) -> go.Figure:
     """Image-score histogram per category on shared bins, so the shapes compare."""
     scored = _scored(table)
     all_scores = _values(scored, "image_score")
@@ -285,51 +292,50 @@ def score_histogram_figure(table: pa.Table, colors: dict[str, str]) -> dict:
         high = low + 1e-6
     edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
     centers, width = ((edges[:-1] + edges[1:]) / 2).tolist(), float(edges[1] - edges[0])
-    data = []
+    traces = []
     for category in colors:
         values = _values(scored.filter(pc.equal(scored.column("category"), category)), "image_score")
         if values.size == 0:
             continue
         counts, _ = np.histogram(values, bins=edges)
-        data.append({
-            "type": "bar", "name": category, "x": centers, "y": counts.tolist(), "width": width,
-            "opacity": 0.6, "marker": {"color": colors[category]},
-            "hovertemplate": "score %{x:.3f}: %{y} images<extra>" + category + "</extra>",
-        })
-    layout = {
-        "title": {"text": "Image score distribution"},
-        "barmode": "overlay",
-        "xaxis": {"title": {"text": "image_score"}},
-        "yaxis": {"title": {"text": "images"}},
-    }
-    return {"data": data, "layout": layout}
+        traces.append(go.Bar(
+            name=category, x=centers, y=counts.tolist(), width=width,
+            opacity=0.6, marker={"color": colors[category]},
+            hovertemplate="score %{x:.3f}: %{y} images<extra>" + category + "</extra>",
+        ))
+    return _figure(
+        traces, "Image score distribution",
+        barmode="overlay",
+        xaxis={"title": {"text": "image_score"}},
+        yaxis={"title": {"text": "images"}},
+    )
 
 
-def _box_trace(category: str, stats: dict, color: str) -> dict:
-    return {
-        "type": "box", "name": category, "x": [category], "marker": {"color": color},
+def _box_trace(category: str, stats: dict, color: str) -> go.Box:
+    return go.Box(
+        name=category, x=[category], marker={"color": color},
         **{key: [stats[key]] for key in ("q1", "median", "q3", "lowerfence", "upperfence", "mean")},
-        "hovertemplate": f"{category} (n={stats['n']})<extra></extra>",
-    }
+        hovertemplate=f"{category} (n={stats['n']})<extra></extra>",
+    )
 
 
-def _box_figure(table: pa.Table, colors: dict[str, str], column: str, title: str, yaxis: dict) -> dict:
+def _box_figure(table: pa.Table, colors: dict[str, str], column: str, title: str, yaxis: dict) -> go.Figure:
     """One box per category from precomputed statistics (the page stays small however many rows)."""
-    data = []
+    traces = []
     for category in colors:
         values = _values(table.filter(pc.equal(table.column("category"), category)), column)
         if values.size:
-            data.append(_box_trace(category, box_statistics(values), colors[category]))
-    layout = {"title": {"text": title}, "showlegend": False, "xaxis": {"type": "category"}, "yaxis": yaxis}
-    return {"data": data, "layout": layout}
+            traces.append(_box_trace(category, box_statistics(values), colors[category]))
+    return _figure(traces, title, showlegend=False, xaxis={"type": "category"}, yaxis=yaxis)
 
 
-def score_box_figure(table: pa.Table, colors: dict[str, str]) -> dict:
+def score_box_figure(table: pa.Table, colors: dict[str, str]) -> go.Figure:
+    """Image score per category as boxes (scored rows only)."""
     return _box_figure(_scored(table), colors, "image_score", "Image score per category",
                        {"title": {"text": "image_score"}})
 
 
-def defect_area_figure(table: pa.Table, colors: dict[str, str]) -> dict:
+def defect_area_figure(table: pa.Table, colors: dict[str, str]) -> go.Figure:
     """Defect area of the anomalous images per category (normal images have area 0 and would hide it)."""
     scored = _scored(table)
     anomalous = scored.filter(pc.fill_null(scored.column("is_anomalous"), False))
@@ -430,85 +436,13 @@ def top_images(dataset: ds.Dataset, table: pa.Table, top_n: int) -> list[TopImag
 
 # --- page ------------------------------------------------------------------------------------
 
-def _script_json(value: object) -> str:
-    """JSON that is safe inside a <script> element (no "</script>" can close it early)."""
-    text = json.dumps(value, allow_nan=False, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-_TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string("""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>uflow-batch report: {{ title }}</title>
-<style>
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1400px; padding: 1rem 2rem; color: #222; }
-h1 { font-size: 1.5rem; margin-bottom: .2rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #ddd; }
-.meta { color: #666; font-size: .9rem; } code, .uri { font-family: ui-monospace, Menlo, Consolas, monospace; }
-table.totals { border-collapse: collapse; } table.totals th, table.totals td { padding: .25rem .7rem; border-bottom: 1px solid #eee; text-align: right; }
-table.totals th:first-child, table.totals td:first-child { text-align: left; }
-.figures { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 1rem; }
-.figure { min-height: 380px; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(270px, 1fr)); gap: 1rem; }
-.card { margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: .5rem; background: #fafafa; }
-.card img { display: block; max-width: 100%; margin: 0 auto; image-rendering: auto; }
-.card dl { display: grid; grid-template-columns: max-content 1fr; gap: 0 .5rem; font-size: .85rem; margin: .4rem 0 0; }
-.card dt { color: #666; } .card dd { margin: 0; }
-.uri { font-size: .75rem; word-break: break-all; color: #444; }
-.placeholder { height: 160px; display: flex; align-items: center; justify-content: center; background: #eee; color: #888; text-align: center; }
-.note { color: #a15c00; font-size: .8rem; } .empty { padding: 2rem; background: #f5f5f5; border-radius: 6px; }
-</style>
-{% if figures %}<script>{{ plotly_js|safe }}</script>{% endif %}
-</head>
-<body>
-<h1>Visual inspection report</h1>
-<p class="meta">Scores: <code>{{ scores_url }}</code>{% if filters %} &middot; filtered to {{ filters }}{% endif %}
- &middot; generated {{ generated_at }} by uflow-batch {{ version }}</p>
-{% if not n_images %}
-<p class="empty" id="empty-dataset">No scored images found in this dataset{% if filters %} for the selected categories and nights{% endif %}.</p>
-{% else %}
-<p>{{ n_images }} images over {{ run_dates|length }} night(s) ({{ run_dates|first }} &ndash; {{ run_dates|last }}):
- {{ n_scored }} scored, {{ n_anomalous }} flagged anomalous, {{ n_errors }} errored.</p>
-<table class="totals" id="category-totals">
-<thead><tr><th>category</th><th>images</th><th>scored</th><th>anomalous</th><th>defect rate</th><th>errors</th><th>nights</th><th>last night</th></tr></thead>
-<tbody>
-{% for row in category_rows %}<tr><td>{{ row.category }}</td><td>{{ row.images }}</td><td>{{ row.scored }}</td><td>{{ row.anomalous }}</td>
-<td>{{ "%.1f%%"|format(100 * row.defect_rate) if row.defect_rate is not none else "&ndash;"|safe }}</td><td>{{ row.errors }}</td><td>{{ row.nights }}</td><td>{{ row.last_night }}</td></tr>
-{% endfor %}</tbody>
-</table>
-<h2>Trends and distributions</h2>
-<div class="figures">
-{% for figure in figures %}<div class="figure" id="{{ figure.id }}"></div>
-<script type="application/json" class="figure-data" data-target="{{ figure.id }}">{{ figure.json|safe }}</script>
-{% endfor %}</div>
-{% if not has_errors %}<p id="no-errors">No errored images.</p>{% endif %}
-<h2>Top {{ top|length }} most anomalous images</h2>
-<p class="meta">Ranked by image_score over all selected categories and nights. Red: the defect mask of flagged images (pixels with NFA &lt; &epsilon;).</p>
-<div class="gallery" id="top-images">
-{% for item in top %}<figure class="card" data-rank="{{ item.rank }}" data-uri="{{ item.image_uri }}">
-{% if item.thumbnail_uri %}<img src="{{ item.thumbnail_uri }}" alt="#{{ item.rank }} {{ item.image_uri }}">{% else %}<div class="placeholder">no image</div>{% endif %}
-{% if item.note %}<p class="note">{{ item.note }}</p>{% endif %}
-<dl><dt>rank</dt><dd>#{{ item.rank }}</dd><dt>category</dt><dd>{{ item.category }}</dd><dt>night</dt><dd>{{ item.run_date }}</dd>
-<dt>score</dt><dd>{{ "%.4f"|format(item.image_score) }}</dd>
-<dt>max &minus;log<sub>10</sub> NFA</dt><dd>{{ "%.1f"|format(item.max_neg_log10_nfa) if item.max_neg_log10_nfa is not none else "&ndash;"|safe }}</dd>
-<dt>defect area</dt><dd>{% if item.defect_area_px is not none %}{{ item.defect_area_px }} px{% if item.defect_area_fraction is not none %} ({{ "%.2f"|format(100 * item.defect_area_fraction) }}%){% endif %}{% else %}&ndash;{% endif %}</dd></dl>
-<p class="uri" title="{{ item.image_uri }}">{{ item.image_uri }}</p>
-</figure>
-{% endfor %}</div>
-{% endif %}
-{% if figures %}<script>
-document.querySelectorAll("script.figure-data").forEach(function (node) {
-  var figure = JSON.parse(node.textContent);
-  Plotly.newPlot(node.dataset.target, figure.data, figure.layout, {responsive: true, displaylogo: false});
-});
-</script>{% endif %}
-</body>
-</html>
-""")
+_TEMPLATE = jinja2.Environment(
+    loader=jinja2.PackageLoader("uflow_batch", "templates"), autoescape=True, undefined=jinja2.StrictUndefined,
+).get_template("report.html.j2")
 
 
 def _figures(table: pa.Table) -> list[dict]:
+    """The page's charts as {id, json}, leaving out any with nothing to draw (e.g. no errors)."""
     categories = sorted(set(table.column("category").to_pylist()))
     colors = _colors(categories)
     candidates = [
@@ -518,7 +452,8 @@ def _figures(table: pa.Table) -> list[dict]:
         ("fig-score-box", score_box_figure(table, colors)),
         ("fig-defect-area", defect_area_figure(table, colors)),
     ]
-    return [{"id": fid, "json": _script_json(fig)} for fid, fig in candidates if fig is not None and fig["data"]]
+    # plotly.io escapes "<", ">" and "/" in its JSON, so no "</script>" can close the page's element early.
+    return [{"id": fid, "json": pio.to_json(fig)} for fid, fig in candidates if fig is not None and fig.data]
 
 
 def build_report(
