@@ -75,11 +75,16 @@ def test_a_training_worker_killed_mid_task_is_retried_by_ray(ray_local, syntheti
     assert ModelStore(models).current_version("fabric") == outcome.model_version
 
 
-def test_unknown_categories_are_reported_and_the_others_train(ray_local, synthetic_root, tmp_path):
+def test_unknown_categories_are_reported_and_the_others_train_showing_their_epochs(ray_local, synthetic_root, tmp_path):
     models = str(tmp_path / "models")
+    snapshots = []
     outcomes = train_all(str(synthetic_root), models, ["fabric", "nonexistent"], TINY_DETECTOR, TINY_TRAINING,
-                         TaskResources(num_cpus=1))
+                         TaskResources(num_cpus=1), on_progress=snapshots.append, progress_interval=0.1)
     status = {o.category: o.status for o in outcomes}
     assert status == {"fabric": "ok", "nonexistent": "failed"}
     assert [o.category for o in outcomes] == ["fabric", "nonexistent"], "the summary keeps the requested order"
     assert ModelStore(models).categories() == ["fabric"]
+    epochs = [s["fabric"] for s in snapshots if "fabric" in s]
+    assert epochs, "progress is reported while the category trains"
+    assert all(1 <= p.epoch <= p.max_epochs == TINY_TRAINING.max_epochs for p in epochs)
+    assert [p.epoch for p in epochs] == sorted(p.epoch for p in epochs), "epochs only move forward"

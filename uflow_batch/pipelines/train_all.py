@@ -54,6 +54,29 @@ class CategoryOutcome:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class EpochProgress:
+    """Where one category's training stands: what ``train-all`` shows while tasks run."""
+
+    epoch: int
+    max_epochs: int
+    val_loss: float
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """The latest epoch of every category, reported by the training tasks (fire and forget)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, EpochProgress] = {}
+
+    def report(self, category: str, progress: EpochProgress) -> None:
+        self.latest[category] = progress
+
+    def snapshot(self) -> dict[str, EpochProgress]:
+        return dict(self.latest)
+
+
 def train_and_publish(
     data_url: str,
     category: str,
@@ -62,16 +85,25 @@ def train_and_publish(
     train_config: TrainConfig,
     max_attempts: int,
     num_cpus: float,
+    board: ray.actor.ActorHandle | None = None,
 ) -> CategoryOutcome:
-    """Train one category (retrying divergence) and publish it; never raises for training failures."""
+    """Train one category (retrying divergence) and publish it; never raises for training failures.
+
+    Each epoch is reported to ``board``, if given, so the driver can show progress.
+    """
     torch.set_num_threads(max(1, int(num_cpus)))
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     started = time.perf_counter()
     config = train_config
+
+    def on_epoch(epoch: int, _train_loss: float, val_loss: float) -> None:
+        board.report.remote(category, EpochProgress(epoch, config.max_epochs, val_loss))
+
     for attempt in range(1, max_attempts + 1):
         try:
             with tempfile.TemporaryDirectory(prefix=f"uflow-{category}-") as scratch:
-                report = train_category(data_url, category, scratch, detector_config, config)
+                report = train_category(data_url, category, scratch, detector_config, config,
+                                        on_epoch=on_epoch if board is not None else None)
                 version = ModelStore(models_url).publish(scratch, category)
             return CategoryOutcome(
                 category, "ok", attempt, report.epochs, report.best_val_loss,
@@ -101,12 +133,16 @@ def train_all(
     resources: TaskResources | None = None,
     on_done: Callable[[CategoryOutcome], None] | None = None,
     kinds: dict[str, str] | None = None,
+    on_progress: Callable[[dict[str, EpochProgress]], None] | None = None,
+    progress_interval: float = 2.0,
 ) -> list[CategoryOutcome]:
     """Fan training out over the Ray cluster (the caller holds the Ray session).
 
     ``kinds`` picks another flow for some categories (the others use
     ``detector_config.kind``), so one night trains each product line with
-    the detector chosen for it.
+    the detector chosen for it. ``on_progress`` is called about every
+    ``progress_interval`` seconds with the latest epoch of each category
+    still training.
     """
     detector_config = detector_config or DetectorConfig()
     train_config = train_config or TrainConfig()
@@ -124,14 +160,34 @@ def train_all(
     task = ray.remote(train_and_publish).options(
         num_cpus=resources.num_cpus, num_gpus=num_gpus, max_retries=resources.max_attempts - 1, retry_exceptions=False,
     )
+    board = ProgressBoard.remote() if on_progress else None
     pending = {
         task.remote(data_url, c, models_url, replace(detector_config, kind=(kinds or {}).get(c, detector_config.kind)),
-                    train_config, resources.max_attempts, resources.num_cpus): c
+                    train_config, resources.max_attempts, resources.num_cpus, board): c
         for c in todo
     }
     log.info("training %d categories (%s CPU, %s GPU each)", len(todo), resources.num_cpus, num_gpus)
+    try:
+        outcomes += _collect(pending, resources, on_done, board, on_progress, progress_interval)
+    finally:
+        if board is not None:
+            ray.kill(board)
+    order = {c: i for i, c in enumerate(categories)}
+    return sorted(outcomes, key=lambda o: order.get(o.category, len(order)))
+
+
+def _collect(pending: dict, resources: TaskResources, on_done: Callable[[CategoryOutcome], None] | None,
+             board: ray.actor.ActorHandle | None, on_progress: Callable[[dict[str, EpochProgress]], None] | None,
+             interval: float) -> list[CategoryOutcome]:
+    """Outcomes as the tasks finish, with progress in between."""
+    outcomes = []
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=interval if board is not None else None)
+        if board is not None:
+            latest = ray.get(board.snapshot.remote())
+            on_progress({c: p for c, p in latest.items() if c in pending.values()})
+        if not done:
+            continue
         category = pending.pop(done[0])
         try:
             outcome = ray.get(done[0])
@@ -140,5 +196,4 @@ def train_all(
         outcomes.append(outcome)
         if on_done:
             on_done(outcome)
-    order = {c: i for i, c in enumerate(categories)}
-    return sorted(outcomes, key=lambda o: order.get(o.category, len(order)))
+    return outcomes
