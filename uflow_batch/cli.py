@@ -508,6 +508,43 @@ def query(name, scores, limit, output_format) -> None:
             click.echo(f"... {table.num_rows - limit} more rows")
 
 
+@main.command("export")
+@click.option("--model", "model_dir", required=True, help="Local model directory (model.safetensors + manifest.json).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True,
+              help="onnx (ONNX Runtime, TensorRT, ...) or torchscript (torch.jit.load).")
+@click.option("--output", default=None, type=click.Path(dir_okay=False),
+              help="File to write (default: model.onnx or model.torchscript.pt in --model).")
+def export_model(model_dir, fmt, output) -> None:
+    """Write backbone + flow + anomaly map as one graph (batch dynamic); the NFA verdict stays in torch.
+
+    Input: normalized images (B, 3, H, W); outputs: the anomaly map (B, H, W)
+    and the latents, finest first. The written file is run once on a batch
+    of another size and compared with torch.
+    """
+    import importlib
+
+    from .manifest import ModelFormatError
+
+    if fmt == "onnx":
+        try:
+            importlib.import_module("onnx")
+        except ImportError:
+            raise click.ClickException("--format onnx needs the onnx package: pip install 'uflow-batch[export]'") from None
+    from .checkpoint import load_detector
+    from .export import default_output, export_detector
+
+    try:
+        detector = load_detector(model_dir)
+    except ModelFormatError as exc:
+        raise ConfigError(f"--model {model_dir}: {exc}") from exc
+    result = export_detector(detector, output or default_output(model_dir, fmt), fmt)
+    check = ("not run (onnxruntime is not installed)" if result.max_abs_error_anomaly is None else
+             f"anomaly map {result.max_abs_error_anomaly:.1e}, latents {result.max_scaled_error_latents:.1e} (|d| / (1 + |z|))")
+    height, width = detector.input_size
+    click.echo(f"{result.path}: {detector.config.kind} scoring graph ({fmt}), input (B, 3, {height}, {width}) normalized, "
+               f"{len(detector.flow.latent_shapes)} latents; largest difference to torch: {check}")
+
+
 @main.command("backbones")
 def list_backbones() -> None:
     """List the registered backbones."""
