@@ -230,6 +230,78 @@ def test_an_s3_connection_keeps_credentials_in_a_redacted_temporary_secret(monke
     assert secret not in caplog.text and key not in caplog.text
 
 
+# --- credentials without keys: the AWS credential chain (duckdb-ext-aws) ----------------------
+
+AWS_CHAIN_VARIABLES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+                       "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                       "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def aws_profile(monkeypatch, directory: Path, key_id: str | None = None, secret: str | None = None,
+                region: str | None = None) -> None:
+    """Point the AWS SDK's chain at a profile of this test's own (or at none), and nowhere else:
+    no keys in the environment, no instance metadata service, no role or container variables."""
+    for name in AWS_CHAIN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("HOME", str(directory))
+    credentials, config = directory / "credentials", directory / "config"
+    credentials.write_text(f"[default]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n" if key_id else "")
+    config.write_text(f"[default]\nregion = {region}\n" if region else "")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+
+
+def require_aws_extension() -> None:
+    directory = analysts.extension_directory()
+    if directory is None or not any(Path(directory).rglob("aws.duckdb_extension")):
+        pytest.skip("duckdb-ext-aws is not installed (pip install 'uflow-batch[analysts]')")
+
+
+def secret_of(connection) -> tuple:
+    return connection.sql("SELECT name, type, provider, persistent, secret_string FROM duckdb_secrets()").fetchone()
+
+
+def test_without_keys_an_s3_connection_takes_credentials_from_the_aws_chain(monkeypatch, tmp_path, caplog):
+    """No AWS_ACCESS_KEY_ID: the secret is the AWS SDK's credential chain (here: a profile, as `aws sso
+    login` or `aws configure` leave one), region from the profile, credentials redacted and never logged."""
+    require_aws_extension()
+    key, secret = "AKIA" + uuid.uuid4().hex[:16].upper(), "chain-" + uuid.uuid4().hex
+    aws_profile(monkeypatch, tmp_path, key, secret, region="eu-west-3")
+    caplog.set_level(logging.DEBUG)
+    with analysts.duckdb_connect(s3=True) as connection:
+        name, kind, provider, persistent, shown = secret_of(connection)
+    assert (name, kind, provider, persistent) == (analysts.SECRET_NAME, "s3", "credential_chain", False)
+    assert f"key_id={key}" in shown, "the chain found the profile's credentials"
+    assert "region=eu-west-3" in shown and "url_style=vhost" in shown
+    assert secret not in shown and secret not in caplog.text
+
+
+def test_with_keys_in_the_environment_the_secret_is_the_explicit_one(monkeypatch, tmp_path):
+    """Keys set: they win over any profile, as in every AWS tool, in a config secret."""
+    require_aws_extension()
+    aws_profile(monkeypatch, tmp_path, "AKIAPROFILEKEYNOTUSED", "profile-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAENVIRONMENTKEY01")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "environment-secret")
+    with analysts.duckdb_connect(s3=True) as connection:
+        name, kind, provider, persistent, shown = secret_of(connection)
+    assert (name, kind, provider, persistent) == (analysts.SECRET_NAME, "s3", "config", False)
+    assert "key_id=AKIAENVIRONMENTKEY01" in shown and "region=us-east-1" in shown
+
+
+def test_without_keys_or_any_credentials_the_error_says_where_they_were_looked_for(monkeypatch, tmp_path):
+    require_aws_extension()
+    aws_profile(monkeypatch, tmp_path)
+    with pytest.raises(RuntimeError, match="AWS credential chain found no credentials") as raised:
+        analysts.duckdb_connect(s3=True)
+    assert "aws sso login" in str(raised.value) and "AWS_ACCESS_KEY_ID" in str(raised.value)
+
+
+def test_run_query_on_a_local_root_needs_no_credentials(monkeypatch, tmp_path, scores):
+    aws_profile(monkeypatch, tmp_path)  # no credentials anywhere: a local root must not care
+    check_error_counts(records(analysts.run_query("error_counts", str(scores.root))), scores)
+
+
 # --- straight on s3:// (the project's SeaweedFS fixture) -------------------------------------
 
 @pytest.fixture
@@ -255,6 +327,36 @@ def test_every_query_runs_straight_on_s3(flavour, scores, s3_scores):
             CHECKS[name](records(result), scores)
         except AssertionError as failure:
             raise AssertionError(f"{flavour} {name} on s3: {failure}") from None
+
+
+def test_the_query_command_reads_s3_with_keys_in_the_environment(scores, s3_scores):
+    """What `uflow-batch query` does: run_query on an s3:// root, no connection given, keys set."""
+    if analysts.extension_directory() is None:
+        pytest.skip("duckdb-ext-httpfs is not installed (pip install 'uflow-batch[analysts]')")
+    with analysts.duckdb_connect(s3=True) as connection:
+        assert secret_of(connection)[2] == "config"
+    check_error_counts(records(analysts.run_query("error_counts", s3_scores)), scores)
+
+
+def test_the_query_command_reads_s3_through_the_aws_chain_without_keys(scores, s3_scores, s3_env, monkeypatch, tmp_path):
+    """The server's keys moved from the environment into a profile, as an analyst's `aws configure` or SSO
+    login leaves them: `uflow-batch query` on s3:// finds them through the chain and reads."""
+    import subprocess
+    import sys
+
+    require_aws_extension()
+    key_id, secret = s3_env.env["AWS_ACCESS_KEY_ID"], s3_env.env["AWS_SECRET_ACCESS_KEY"]
+    aws_profile(monkeypatch, tmp_path, key_id, secret, region=s3_env.env["AWS_REGION"])
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with analysts.duckdb_connect(s3=True) as connection:
+        assert secret_of(connection)[2] == "credential_chain"
+    check_error_counts(records(analysts.run_query("error_counts", s3_scores)), scores)
+    done = subprocess.run([sys.executable, "-m", "uflow_batch.cli", "query", "error_counts", "--scores", s3_scores,
+                           "--format", "json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == len({(r["category"], r["run_date"], r["error"]) for r in scores.rows if r["error"]})
+    assert secret not in done.stdout + done.stderr
 
 
 def test_the_guides_recipe_by_hand_gives_the_same_sql_as_query_text(scores):

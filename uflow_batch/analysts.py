@@ -11,9 +11,12 @@ as ``{root}``, so the very same file runs on a local directory and on an
 
 S3 access goes through DuckDB's ``httpfs`` extension, taken from the PyPI
 package ``duckdb-ext-httpfs`` (DuckDB's own ``INSTALL httpfs`` downloads it,
-which offline machines cannot do). Credentials come from the standard AWS
-environment variables and live only in an in-memory (temporary) DuckDB
-secret: they are never logged, printed or written to disk.
+which offline machines cannot do). Keys set in the standard AWS environment
+variables go into an in-memory (temporary) DuckDB secret. Without them,
+analysts have credentials where AWS tools find them (an SSO profile, the pod's
+or instance's role), so the secret's provider is then the AWS SDK's standard
+credential chain, through DuckDB's ``aws`` extension (PyPI ``duckdb-ext-aws``).
+Either way credentials are never logged, printed or written to disk.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ SECRET_NAME = "uflow_batch_s3"
 
 
 def extension_directory() -> str | None:
-    """Where ``duckdb-ext-httpfs`` put its signed extensions, or None if it is not installed."""
+    """Where ``duckdb-ext-httpfs`` / ``duckdb-ext-aws`` put their signed extensions, or None if neither is installed."""
     try:
         import duckdb_ext
     except ImportError:
@@ -65,9 +68,22 @@ def _endpoint(s3_endpoint: str | None) -> tuple[str | None, bool]:
     return parts.netloc, parts.scheme == "https"
 
 
+def _load(connection: duckdb.DuckDBPyConnection, extension: str, why: str) -> None:
+    """LOAD a DuckDB extension from the PyPI package's directory (autoinstall is off: nothing is downloaded)."""
+    try:
+        connection.execute(f"LOAD {extension}")
+    except duckdb.Error as exc:
+        connection.close()
+        raise RuntimeError(
+            f"{why} needs DuckDB's {extension} extension: pip install 'uflow-batch[analysts]' "
+            f"(duckdb-ext-{extension} matching duckdb {duckdb.__version__}); DuckDB said: {redact(str(exc))}"
+        ) from None
+
+
 def duckdb_connect(
     s3_endpoint: str | None = None,
     *,
+    s3: bool = False,
     url_style: str | None = None,
     use_ssl: bool | None = None,
     database: str = ":memory:",
@@ -80,10 +96,16 @@ def duckdb_connect(
     defaults to "path" with an endpoint (SeaweedFS, MinIO) and "vhost" for
     AWS. ``use_ssl`` defaults to the endpoint's scheme (https unless it says http).
 
-    Keys are read from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
-    (optionally ``AWS_SESSION_TOKEN``) and the region from ``AWS_REGION`` /
-    ``AWS_DEFAULT_REGION`` (default us-east-1). Without keys and without an
-    endpoint, the connection is a plain local one and httpfs is not needed.
+    Keys set in ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (optionally
+    ``AWS_SESSION_TOKEN``) make an explicit secret (provider ``config``), region
+    from ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default us-east-1). Without
+    keys, when ``s3`` is true (the caller will read ``s3://``) or an endpoint is
+    set, the secret's provider is ``credential_chain``: the AWS SDK's default
+    chain (profile and SSO in ``~/.aws`` or ``AWS_PROFILE``, web identity as on
+    an EKS pod with a role, container and instance roles), refreshed when the
+    credentials expire; the region then also comes from the profile unless the
+    environment sets one. Without keys, endpoint or ``s3``, the connection is a
+    plain local one and no extension is needed.
     """
     extensions = extension_directory()
     config: dict[str, object] = {"autoinstall_known_extensions": False}
@@ -92,26 +114,23 @@ def duckdb_connect(
     connection = duckdb.connect(database, config=config)
     endpoint, endpoint_ssl = _endpoint(s3_endpoint)
     key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if endpoint is None and not (key_id and secret):
+    keys = bool(key_id and secret)
+    if endpoint is None and not keys and not s3:
         return connection
-    try:
-        connection.execute("LOAD httpfs")
-    except duckdb.Error as exc:
-        connection.close()
-        raise RuntimeError(
-            "reading s3:// needs DuckDB's httpfs extension: pip install 'uflow-batch[analysts]' "
-            f"(duckdb-ext-httpfs matching duckdb {duckdb.__version__}); DuckDB said: {redact(str(exc))}"
-        ) from None
-    options = {
-        "TYPE": "s3",
-        "REGION": _sql_string(os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"),
-        "URL_STYLE": _sql_string(url_style or ("path" if endpoint is not None else "vhost")),
-    }
-    if key_id and secret:
-        options["KEY_ID"] = _sql_string(key_id)
-        options["SECRET"] = _sql_string(secret)
+    _load(connection, "httpfs", "reading s3://")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    options = {"TYPE": "s3"}
+    if keys:
+        options.update(PROVIDER="config", KEY_ID=_sql_string(key_id), SECRET=_sql_string(secret))
         if os.environ.get("AWS_SESSION_TOKEN"):
             options["SESSION_TOKEN"] = _sql_string(os.environ["AWS_SESSION_TOKEN"])
+        options["REGION"] = _sql_string(region or "us-east-1")
+    else:
+        _load(connection, "aws", "reading s3:// without AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the AWS credential chain)")
+        options.update(PROVIDER="credential_chain", REFRESH="auto")
+        if region:
+            options["REGION"] = _sql_string(region)
+    options["URL_STYLE"] = _sql_string(url_style or ("path" if endpoint is not None else "vhost"))
     if endpoint is not None:
         options["ENDPOINT"] = _sql_string(endpoint)
         options["USE_SSL"] = "true" if (endpoint_ssl if use_ssl is None else use_ssl) else "false"
@@ -120,8 +139,13 @@ def duckdb_connect(
         connection.execute(statement)
     except duckdb.Error as exc:
         connection.close()
-        raise RuntimeError(f"could not configure S3 access for DuckDB: {redact(str(exc))}") from None
-    log.debug("duckdb: S3 access via %s", endpoint or "AWS")
+        hint = "" if keys else (
+            "; no AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are set and the AWS credential chain found no credentials"
+            " (looked for: a profile in ~/.aws or AWS_PROFILE, an SSO login (aws sso login), a web identity token,"
+            " a container or instance role)"
+        )
+        raise RuntimeError(f"could not configure S3 access for DuckDB{hint}: {redact(str(exc))}") from None
+    log.debug("duckdb: S3 access via %s, credentials from %s", endpoint or "AWS", "the environment" if keys else "the AWS credential chain")
     return connection
 
 
@@ -173,11 +197,12 @@ def run_query(
     """Run a shipped query on the dataset at ``root`` and return its result as an Arrow table.
 
     Without ``connection``, one from :func:`duckdb_connect` is opened for the
-    call (S3 settings from the environment) and closed afterwards.
+    call (S3 settings from the environment, the AWS credential chain on an
+    ``s3://`` root without keys) and closed afterwards.
     """
     sql = query_text(name, root, queries_dir)
     own = connection is None
-    connection = connection or duckdb_connect()
+    connection = connection or duckdb_connect(s3=str(root).startswith("s3://"))
     try:
         return connection.sql(sql).fetch_arrow_table()
     finally:
