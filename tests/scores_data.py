@@ -186,3 +186,92 @@ def upload(local_root: Path, url: str) -> str:
     for path in sorted(local_root.rglob("*.parquet")):
         fs.put_file(str(path), f"{url}/{path.relative_to(local_root).as_posix()}")
     return url
+
+
+# --- a dataset that mixes schema versions ----------------------------------------------------
+#
+# Readers must survive the day a column is added: older partitions are never rewritten, so a
+# dataset holds part files of several versions, sometimes side by side in one night. The next
+# version here is this one plus nullable columns (what docs/schema.md allows a new version to
+# do); the previous one is version 1 as docs/schema.md records it (no false_alarm_rate).
+
+PREVIOUS_VERSION = 1
+PREVIOUS_LACKS = ("false_alarm_rate",)
+NEXT_VERSION = SCHEMA_VERSION + 1
+NEXT_COLUMNS = (pa.field("camera", pa.string()), pa.field("exposure_ms", pa.float32()))
+
+
+def version_schema(version: int) -> pa.Schema:
+    """The file schema of ``version``: this one, the previous one without its later columns, or the next one."""
+    if version == SCHEMA_VERSION:
+        schema = FILE_SCHEMA
+    elif version == PREVIOUS_VERSION:
+        schema = pa.schema([f for f in FILE_SCHEMA if f.name not in PREVIOUS_LACKS])
+    elif version == NEXT_VERSION:
+        schema = pa.schema([*FILE_SCHEMA, *NEXT_COLUMNS])  # built from this version's table, a column added
+    else:
+        raise ValueError(f"no schema for version {version}")
+    return schema.with_metadata({"uflow_batch.schema_version": str(version)})
+
+
+def _write_version(rows: list[dict], version: int, path: Path) -> None:
+    schema = version_schema(version)
+    table = pa.Table.from_pylist([{**row, "schema_version": version} for row in rows], schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def build_mixed_versions_dataset(root: Path) -> ScoresDataset:
+    """The scores dataset of :func:`build_scores_dataset` plus two nights written by other schema versions.
+
+    - ``tile``, 2026-11-19 (sorts first): one part of the previous version, so a reader that takes
+      its schema from the first file it finds misses every later column.
+    - ``tile``, 2026-11-22: a part of this version and, beside it, a part of the next one; the
+      current row of one image is in each part and superseded by a row in the other.
+    """
+    base = build_scores_dataset(root)
+    rng = np.random.default_rng(20261122)
+    scored = [r for r in base.rows if r["error"] is None and r["image_uri"] != base.missing_uri]
+
+    def copy(row: dict, run_date: str, at: str = "02:00", **changes) -> dict:
+        fresh = {k: v for k, v in row.items() if k not in ("category", "run_date")}
+        fresh.update(image_score=float(np.float32(rng.uniform(0.05, 0.98))),  # no ties with the copied night
+                     scored_at=datetime.fromisoformat(f"{run_date}T{at}:00+00:00"), false_alarm_rate=None)
+        fresh.update(changes)
+        return fresh
+
+    previous = [copy(r, "2026-11-19") for r in scored[:6]]
+    previous.append(_error_row(str(Path(scored[0]["image_uri"]).with_name("gone.png")), "read_error",
+                               "FileNotFoundError: object not found", "2026-11-19"))
+    for row in previous:
+        for name in PREVIOUS_LACKS:
+            row.pop(name, None)
+
+    night = "2026-11-22"
+    rate = float(np.float32(0.01))  # as a float32 column gives it back
+    this = [copy(r, night, false_alarm_rate=rate) for r in scored[6:12]]
+    rescored_later = scored[12]   # an error in this version's part, its score in the next version's part
+    failed_later = this[0]        # a score in this version's part, an earlier error in the next one's
+    this_superseded = [{**_error_row(rescored_later["image_uri"], "inference_error", "RuntimeError: out of memory",
+                                     night, at="01:00"), "false_alarm_rate": None}]
+    cameras = iter(f"cam-{i}" for i in range(100))
+    next_rows = [
+        copy(r, night, false_alarm_rate=rate, camera=next(cameras), exposure_ms=float(np.float32(rng.uniform(1, 20))))
+        for r in [rescored_later, *scored[13:17]]
+    ]
+    next_superseded = [{**_error_row(failed_later["image_uri"], "read_error", "TimeoutError: earlier attempt",
+                                     night, at="00:30"), "camera": "cam-x", "exposure_ms": None}]
+
+    tile = root / "category=tile"
+    _write_version(previous, PREVIOUS_VERSION, tile / "run_date=2026-11-19" / "part-00000.parquet")
+    _write_version([*this, *this_superseded], SCHEMA_VERSION, tile / f"run_date={night}" / "part-00000.parquet")
+    _write_version([*next_rows, *next_superseded], NEXT_VERSION, tile / f"run_date={night}" / "part-00001.parquet")
+
+    def located(rows: list[dict], run_date: str, version: int) -> list[dict]:
+        return [{**row, "schema_version": version, "category": "tile", "run_date": run_date} for row in rows]
+
+    rows = [*base.rows, *located(previous, "2026-11-19", PREVIOUS_VERSION), *located(this, night, SCHEMA_VERSION),
+            *located(next_rows, night, NEXT_VERSION)]
+    superseded = [*base.superseded, *located(this_superseded, night, SCHEMA_VERSION),
+                  *located(next_superseded, night, NEXT_VERSION)]
+    return ScoresDataset(root=root, rows=rows, missing_uri=base.missing_uri, superseded=superseded)

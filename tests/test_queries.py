@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scores_data import ScoresDataset, build_scores_dataset, upload
+from scores_data import (NEXT_COLUMNS, NEXT_VERSION, PREVIOUS_LACKS, PREVIOUS_VERSION, ScoresDataset,
+                         build_mixed_versions_dataset, build_scores_dataset, upload)
 from uflow_batch import analysts
 
 QUERIES = Path(__file__).resolve().parents[1] / "uflow_batch" / "queries"
@@ -136,9 +137,9 @@ def check_defect_regions(rows: list[dict], scores: ScoresDataset) -> None:
     assert len(rows) == sum(r["n_regions"] for r in scored)
     area_per_image = Counter()
     for region in rows:
-        area_per_image[region["image_uri"]] += region["area_px"]
+        area_per_image[region["run_date"], region["image_uri"]] += region["area_px"]
         assert 0 <= region["x0"] < region["x1"] and 0 <= region["y0"] < region["y1"]
-    assert area_per_image == Counter({r["image_uri"]: r["defect_area_px"] for r in scored if r["defect_area_px"]})
+    assert area_per_image == Counter({(r["run_date"], r["image_uri"]): r["defect_area_px"] for r in scored if r["defect_area_px"]})
     assert [r["area_px"] for r in rows] == sorted((r["area_px"] for r in rows), reverse=True)
 
 
@@ -402,3 +403,89 @@ def test_the_cli_prints_a_query_as_csv_or_json_lines_with_every_row(scores):
     lines = [json.loads(line) for line in cli("--format", "json").splitlines()]
     assert [row["image_uri"] for row in lines] == list(expected["image_uri"])
     assert "more rows" in cli()  # the table for people keeps its limit
+
+
+# --- mixed schema versions (docs/schema.md, "Schema versions") --------------------------------
+#
+# A new version adds columns and older partitions are never rewritten, so every reader meets part
+# files of several versions, even side by side in one night: the readers shipped with this
+# version must read a part of the next one (built from this version's table plus columns) and
+# one of the previous one, answer every query right, and keep the new columns where they
+# return every column.
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> ScoresDataset:
+    return build_mixed_versions_dataset(tmp_path_factory.mktemp("mixed") / "scores")
+
+
+def run_reader(flavour: str, name: str, root: str):
+    """Query ``name`` on ``root`` through the DuckDB file, the pandas example or the Polars example."""
+    if flavour == "duckdb":
+        return analysts.run_query(name, root)
+    if flavour == "polars":
+        pytest.importorskip("polars", reason="polars is optional for analysts")
+    return getattr(load_examples(f"{flavour}_examples"), name)(root)
+
+
+EVOLVING = ("schema_version", *PREVIOUS_LACKS, *(field.name for field in NEXT_COLUMNS))
+
+
+def every_column(flavour: str, root: str) -> list[dict]:
+    """The current rows with every column, as each flavour's reader that returns all columns gives them."""
+    if flavour == "duckdb":
+        with analysts.duckdb_connect(s3=root.startswith("s3://")) as connection:
+            return records(connection.sql(f"SELECT * FROM {analysts.current_rows_sql(root)}").fetch_arrow_table())
+    if flavour == "polars":
+        pytest.importorskip("polars", reason="polars is optional for analysts")
+        return records(load_examples("polars_examples").scan(root).collect())
+    examples = load_examples("pandas_examples")
+    columns = examples.dataset(root).schema.names
+    assert "mask_png" in columns
+    return records(examples.load(root, [c for c in columns if c != "mask_png"]))
+
+
+def check_every_column(rows: list[dict], mixed: ScoresDataset) -> None:
+    assert set(EVOLVING) <= set(rows[0]), "the next version's columns are kept"
+    assert len(rows) == len(mixed.rows)
+    got = {(r["run_date"], r["image_uri"]): {c: r[c] for c in EVOLVING} for r in rows}
+    expected = {(r["run_date"], r["image_uri"]): {c: r.get(c) for c in EVOLVING} for r in mixed.rows}
+    assert got == expected
+    versions = Counter(r["schema_version"] for r in rows)
+    assert set(versions) == {PREVIOUS_VERSION, NEXT_VERSION - 1, NEXT_VERSION}
+    assert any(r["camera"] for r in rows) and any(r["false_alarm_rate"] for r in rows)
+
+
+def test_the_mixed_dataset_holds_three_versions_the_oldest_first_and_two_side_by_side(mixed):
+    """Else the tests below prove nothing: a reader that takes its schema from the first file it
+    lists (Polars' and pyarrow's default) must meet the previous version there."""
+    import pyarrow.parquet as pq
+
+    parts = sorted(Path(mixed.root).rglob("*.parquet"), key=lambda p: p.as_posix())
+    version = {p: int(pq.read_schema(p).metadata[b"uflow_batch.schema_version"]) for p in parts}
+    assert version[parts[0]] == PREVIOUS_VERSION
+    assert "false_alarm_rate" not in pq.read_schema(parts[0]).names
+    side_by_side = defaultdict(set)
+    for path, v in version.items():
+        side_by_side[path.parent].add(v)
+    assert {NEXT_VERSION - 1, NEXT_VERSION} in side_by_side.values()
+    assert {r["schema_version"] for r in mixed.superseded} >= {NEXT_VERSION - 1, NEXT_VERSION}
+
+
+@pytest.mark.parametrize("flavour", ["duckdb", "pandas", "polars"])
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_every_query_reads_parts_of_the_previous_and_next_schema_version(name, flavour, mixed):
+    CHECKS[name](records(run_reader(flavour, name, str(mixed.root))), mixed)
+
+
+@pytest.mark.parametrize("flavour", ["duckdb", "pandas", "polars"])
+def test_readers_of_every_column_keep_the_next_versions_columns(flavour, mixed):
+    check_every_column(every_column(flavour, str(mixed.root)), mixed)
+
+
+@pytest.mark.parametrize("flavour", ["duckdb", "pandas", "polars"])
+def test_mixed_schema_versions_read_straight_on_s3(flavour, mixed, s3_bucket_url):
+    if flavour == "duckdb" and analysts.extension_directory() is None:
+        pytest.skip("duckdb-ext-httpfs is not installed (pip install 'uflow-batch[analysts]')")
+    root = upload(mixed.root, f"{s3_bucket_url}/mixed")
+    check_every_column(every_column(flavour, root), mixed)
+    check_defect_rate_per_night(records(run_reader(flavour, "defect_rate_per_night", root)), mixed)

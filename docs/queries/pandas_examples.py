@@ -6,6 +6,12 @@ same name (``run_date`` as pandas datetimes). Reading goes through
 ``pyarrow.dataset`` with only the columns each question needs, so the heavy
 ``mask_png`` column is never loaded.
 
+The dataset mixes schema versions (``docs/schema.md``): a new version adds
+columns, and older part files are never rewritten. pyarrow takes a dataset's
+schema from the first file it lists, which may be the oldest, so
+:func:`dataset` unifies the schemas of every part by name instead: a column a
+part lacks reads as null, and no column of a newer part is lost.
+
 S3: fsspec/s3fs take credentials and the endpoint from the standard
 environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_ENDPOINT_URL`` for an S3-compatible server).
@@ -17,6 +23,7 @@ environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import pandas as pd
@@ -34,6 +41,20 @@ CURRENT_KEY = ["run_date", "image_uri"]
 CURRENT_ORDER = ["error", "scored_at", "model_version"]
 
 
+def dataset(root: str) -> ds.FileSystemDataset:
+    """Every part file under ``root``, hive-partitioned, with the union of the parts' columns by name.
+
+    Each part's footer is read (in threads: one request each on S3). Types must
+    agree across parts: columns are only ever added, never retyped, so a
+    conflict raises rather than being papered over.
+    """
+    fs, path = fsspec.core.url_to_fs(root)
+    found = ds.dataset(path, filesystem=fs, format="parquet", partitioning=PARTITIONING)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        schemas = list(pool.map(lambda fragment: fragment.physical_schema, found.get_fragments()))
+    return found.replace_schema(pa.unify_schemas([*schemas, PARTITIONING.schema]))
+
+
 def load(root: str, columns: Sequence[str], filter: ds.Expression | None = None) -> pd.DataFrame:
     """The given columns of the current row of each image and night under ``root`` (optionally filtered).
 
@@ -42,10 +63,8 @@ def load(root: str, columns: Sequence[str], filter: ds.Expression | None = None)
     so an error that a later score replaced is not found either. It may use
     ``columns`` and ``error``.
     """
-    fs, path = fsspec.core.url_to_fs(root)
-    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning=PARTITIONING)
     wanted = list(dict.fromkeys([*columns, *CURRENT_KEY, *CURRENT_ORDER]))
-    table = dataset.to_table(columns=wanted)
+    table = dataset(root).to_table(columns=wanted)
     ranks = table.select(CURRENT_KEY + CURRENT_ORDER).to_pandas()
     ranks["errored"] = ranks["error"].notna()
     ranks = ranks.sort_values(CURRENT_KEY + ["errored", "scored_at", "model_version"],

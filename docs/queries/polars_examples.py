@@ -5,6 +5,12 @@ prefix, and returns the same columns and order as the ``.sql`` file of the
 same name (``run_date`` as ``pl.Date``). Scans are lazy, so only the columns
 a question uses are read: the heavy ``mask_png`` column never is.
 
+The dataset mixes schema versions (``docs/schema.md``): a new version adds
+columns, and older part files are never rewritten. Polars takes a scan's
+schema from the first file and raises on a column it does not know, so
+:func:`schema` unites the columns of one part of each version first, and
+:func:`scan` reads every part into that union, a column a part lacks as null.
+
 S3: Polars reads object storage itself (not through fsspec).
 :func:`storage_options` builds its options from the standard environment
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``,
@@ -46,6 +52,35 @@ def storage_options(root: str) -> dict[str, str] | None:
 
 
 SCORED = pl.col("error").is_null()
+_FILE = "_uflow_part_file"  # a scratch column: which part file a row came from
+
+
+def schema(root: str) -> dict[str, pl.DataType]:
+    """The union by name of the columns of every schema version under ``root``, partition columns left out.
+
+    Within a version every part has the same columns (``docs/schema.md``), so
+    one part of each version present stands for all: a first pass reads only
+    the small ``schema_version`` column with each row's file name, then one
+    footer per version is read. Types must agree across versions (columns are
+    never retyped), else this raises instead of guessing.
+    """
+    root = root.rstrip("/")
+    options = storage_options(root)
+    versions = (
+        pl.scan_parquet(f"{root}/**/*.parquet", hive_partitioning=True, hive_schema=HIVE_SCHEMA,
+                        storage_options=options, include_file_paths=_FILE,
+                        missing_columns="insert", extra_columns="ignore")
+        .group_by("schema_version")
+        .agg(pl.col(_FILE).first())
+        .sort("schema_version")
+        .collect()
+    )
+    union: dict[str, pl.DataType] = {}
+    for version, part in versions.iter_rows():
+        for name, dtype in pl.scan_parquet(part, hive_partitioning=False, storage_options=options).collect_schema().items():
+            if union.setdefault(name, dtype) != dtype:
+                raise TypeError(f"column {name!r} is {union[name]} in older parts but {dtype} in version {version} ({part})")
+    return union
 
 
 def scan(root: str) -> pl.LazyFrame:
@@ -60,6 +95,8 @@ def scan(root: str) -> pl.LazyFrame:
         f"{root}/**/*.parquet",
         hive_partitioning=True,
         hive_schema=HIVE_SCHEMA,
+        schema=schema(root),
+        missing_columns="insert",  # an older part lacks the newer columns: null there
         storage_options=storage_options(root),
     )
     return (
