@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from datetime import date
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
 
@@ -49,7 +49,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
     """
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
-    check_known_fields(cls.__name__, data, hints)
+    check_known_fields(cls.__name__, data, (f.name for f in dataclasses.fields(cls)))
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint = hints[name]
@@ -336,20 +336,18 @@ class TaskResources:
 
 @dataclass(frozen=True)
 class ScoringResources:
-    """How the scoring pipeline sizes its Ray work.
+    """How the scoring pipeline sizes its Ray work: inference actors, their batches, the decode tasks.
 
-    ``actors`` inference actors each hold ``gpus_per_actor`` GPUs (a fraction
-    such as 0.5 packs two actors per GPU; 0 scores on CPU; None takes one GPU
-    when the cluster has any) and ``cpus_per_actor`` CPUs, and take batches
-    of ``batch_size`` images; ``decode_cpus`` is the CPU reservation of each
-    read/decode task.
+    Each field's help (its ``metadata``) is what ``uflow-batch score --help`` prints.
     """
 
-    batch_size: int = 16
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1.0
-    actors: int = 1
-    decode_cpus: float = 1.0
+    batch_size: int = field(default=16, metadata={"help": "Images per inference batch."})
+    gpus_per_actor: float | None = field(default=None, metadata={
+        "help": "GPUs per inference actor (default: 1 if the cluster has GPUs, else 0 = CPU inference); "
+                "a fraction such as 0.5 packs two actors per GPU."})
+    cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved by each inference actor."})
+    actors: int = field(default=1, metadata={"help": "Inference actors (each holds the models it needs)."})
+    decode_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved by each read/decode task."})
 
     def __post_init__(self) -> None:
         require(is_int(self.batch_size) and self.batch_size >= 1,
@@ -367,53 +365,91 @@ class ScoringResources:
                 object.__setattr__(self, name, float(getattr(self, name)))
 
 
+@dataclass(frozen=True, kw_only=True)
+class ScoringSettings:
+    """What a scoring run selects, how it overrides the models' verdict, how it sizes its work.
+
+    The one definition of these knobs: a :class:`ScoreRequest` (one run) and a
+    nightly :class:`~uflow_batch.jobs.JobSpec` both are ScoringSettings, and
+    the ``score`` command's options are generated from the fields (help text
+    in each field's ``metadata``), so a knob and its default are written once.
+    Keyword-only, so each subclass keeps its own required fields first.
+
+    ``SPELLING`` maps a field to the name its users write where the two differ
+    (a job spec says ``nfa_epsilon``); error messages use that name.
+    """
+
+    SPELLING: ClassVar[dict[str, str]] = {}
+
+    categories: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "Categories to score, comma-separated (default: every category found)."})
+    category_from: str = field(default="path", metadata={
+        "help": "Where an image's category comes from: 'path' (its folder) or 'manifest'."})
+    category_pattern: str | None = field(default=None, metadata={
+        "help": "Regex with a group named 'category', searched in each object's path under its input root "
+                "(default: the first folder, i.e. '^(?P<category>[^/]+)/')."})
+    manifest: str | None = field(default=None, metadata={
+        "help": "CSV/JSONL manifest (uri,category) instead of categories from paths."})
+    epsilon: float | None = field(default=None, metadata={
+        "help": "Override the models' mask threshold epsilon (pixels of a flagged image with NFA below it)."})
+    false_alarm_rate: float | None = field(default=None, metadata={
+        "help": "Override the models' image verdict: the share of good images that may be flagged, e.g. 0.01."})
+    resources: ScoringResources = field(default_factory=ScoringResources)
+
+    def spelt(self, name: str) -> str:
+        """A field's name as this kind of settings is written (``nfa_epsilon`` in a job spec)."""
+        return self.SPELLING.get(name, name)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.categories, list):
+            object.__setattr__(self, "categories", tuple(self.categories))
+        if self.categories is not None:
+            check_categories(self.categories)
+        check_category_source(self.category_from, self.category_pattern, self.manifest)
+        if self.manifest is not None:
+            check_no_credentials("manifest", self.manifest)
+        check_epsilon(self.epsilon, self.spelt("epsilon"))
+        check_false_alarm_rate(self.false_alarm_rate, self.spelt("false_alarm_rate"))
+        require(isinstance(self.resources, ScoringResources),
+                f"resources must be ScoringResources (in a spec: a mapping of "
+                f"{sorted(ScoringResources.__dataclass_fields__)}), got {self.resources!r}")
+
+    @property
+    def category_filter(self) -> list[str] | None:
+        """The categories to score, or None for every category found."""
+        return list(self.categories) if self.categories else None
+
+
 @dataclass(frozen=True)
-class ScoreRequest:
-    """One scoring run: what to read, which models, where to write, how to size it.
+class ScoreRequest(ScoringSettings):
+    """One scoring run: what to read, which models, where to write, with which :class:`ScoringSettings`.
 
     Every value is checked here, before anything is read or written: a wrong
     value found mid-run could commit rows that a corrected re-run then skips.
     """
 
-    inputs: tuple[str, ...]
-    models: str
-    output: str
-    run_date: str
-    categories: tuple[str, ...] | None = None
-    category_from: str = "path"
-    category_pattern: str | None = None
-    manifest: str | None = None
-    epsilon: float | None = None
-    false_alarm_rate: float | None = None
-    resources: ScoringResources = field(default_factory=ScoringResources)
-    listing_block_rows: int = 64
-    rows_per_file: int = 256
-    storage_retries: int = 8
+    inputs: tuple[str, ...] = field(metadata={
+        "help": "Archive root to score (repeatable): <root>/<category>/... ; local path, s3:// or gs:// URL.",
+        "option": "--input", "repeatable": True})
+    models: str = field(metadata={"help": "Model store URL written by train-all."})
+    output: str = field(metadata={"help": "Output root; Parquet lands in <output>/category=<c>/run_date=<d>/."})
+    run_date: str = field(metadata={"help": "Run date YYYY-MM-DD."})
+    listing_block_rows: int = field(default=64, metadata={"help": "Listed objects per block a read task yields."})
+    rows_per_file: int = field(default=256, metadata={
+        "help": "Rows gathered before a Parquet part file is committed (smaller: finer resume points)."})
+    storage_retries: int = field(default=8, metadata={"help": "Ray Data retries of a task that failed on a transient storage error."})
 
     def __post_init__(self) -> None:
         # The same root written twice ('a' and 'a/') would be listed, and scored, twice.
         inputs = tuple(dict.fromkeys(url.rstrip("/") for url in self.inputs))
         object.__setattr__(self, "inputs", inputs)
         validate_run_date(self.run_date)
-        check_category_source(self.category_from, self.category_pattern, self.manifest)
+        super().__post_init__()
         require(bool(inputs) or self.category_from == "manifest", "no inputs to score")
         for name in ("models", "output"):
             require(isinstance(getattr(self, name), str) and getattr(self, name) != "", f"{name} must be a URL or path")
             check_no_credentials(name, getattr(self, name))
         for i, url in enumerate(inputs):
             check_no_credentials(f"inputs[{i}]", url)
-        if self.manifest is not None:
-            check_no_credentials("manifest", self.manifest)
-        if self.categories is not None:
-            object.__setattr__(self, "categories", tuple(self.categories))
-            check_categories(self.categories)
-        check_epsilon(self.epsilon)
-        check_false_alarm_rate(self.false_alarm_rate)
-        require(isinstance(self.resources, ScoringResources), f"resources must be ScoringResources, got {self.resources!r}")
         for name in ("listing_block_rows", "rows_per_file", "storage_retries"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name} must be an integer >= 1")
-
-    @property
-    def category_filter(self) -> list[str] | None:
-        """The categories to score, or None for every category found."""
-        return list(self.categories) if self.categories else None

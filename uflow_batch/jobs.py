@@ -16,11 +16,12 @@ the scoring pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -30,10 +31,7 @@ from uflow_batch.config import (
     ConfigError,
     ScoreRequest,
     ScoringResources,
-    check_categories,
-    check_category_source,
-    check_epsilon,
-    check_false_alarm_rate,
+    ScoringSettings,
     check_known_fields,
     check_no_credentials,
     from_dict,
@@ -144,26 +142,26 @@ def _check_url(name: str, value: Any, placeholder_ok: bool) -> None:
 
 
 @dataclass(frozen=True)
-class JobSpec:
+class JobSpec(ScoringSettings):
     """One nightly scoring job, as declared in YAML (see ``jobs/nightly-example.yaml``).
+
+    What it scores and how (categories, verdict overrides, resources) are the
+    :class:`~uflow_batch.config.ScoringSettings` a :class:`ScoreRequest` has
+    too; the spec adds when and where. The spec writes the mask threshold as
+    ``nfa_epsilon`` (``SPELLING``: the one place a key differs from its field).
 
     Run dates are UTC calendar dates. ``lag_days`` says which day's data a run
     scores when no run date is given: a job that starts at 02:00 usually scores
     the day that just ended (``lag_days: 1``).
     """
 
+    SPELLING: ClassVar[dict[str, str]] = {"epsilon": "nfa_epsilon"}
+
     name: str
     schedule: str
     inputs: tuple[str, ...]
     models: str
     output: str
-    categories: tuple[str, ...] | None = None
-    category_from: str = "path"
-    category_pattern: str | None = None
-    manifest: str | None = None
-    nfa_epsilon: float | None = None
-    false_alarm_rate: float | None = None
-    resources: ScoringResources = field(default_factory=ScoringResources)
     retention_days: int | None = 90
     lag_days: int = 0
     ray_address: str | None = None
@@ -184,20 +182,12 @@ class JobSpec:
         object.__setattr__(self, "inputs", tuple(inputs))
         _check_url("models", self.models, placeholder_ok=False)
         _check_url("output", self.output, placeholder_ok=False)
-
-        if self.categories is not None:
-            check_categories(self.categories)
-        check_category_source(self.category_from, self.category_pattern, self.manifest)
         if self.manifest is not None:
             _check_url("manifest", self.manifest, placeholder_ok=True)
-
-        for name in ("nfa_epsilon", "false_alarm_rate"):
+        for name in ("epsilon", "false_alarm_rate"):
             _number_from_yaml(self, name)
-        check_epsilon(self.nfa_epsilon, "nfa_epsilon")
-        check_false_alarm_rate(self.false_alarm_rate)
+        super().__post_init__()
 
-        require(isinstance(self.resources, ScoringResources),
-                 f"resources must be a mapping of {sorted(ScoringResources.__dataclass_fields__)}, got {self.resources!r}")
         require(self.retention_days is None or (is_int(self.retention_days) and self.retention_days >= 1),
                  f"retention_days must be an integer >= 1 (or null to keep everything), got {self.retention_days!r}")
         require(is_int(self.lag_days) and self.lag_days >= 0,
@@ -210,6 +200,11 @@ class JobSpec:
                  or (isinstance(self.ray_address, str) and _RAY_ADDRESS_RE.match(self.ray_address) is not None),
                  f"ray_address must be null, 'auto', 'local', 'ray://host:port' or 'host:port', "
                  f"got {self.ray_address!r}")
+
+    @property
+    def nfa_epsilon(self) -> float | None:
+        """The mask threshold under the spec's name for it (the field is ``epsilon``)."""
+        return self.epsilon
 
     # -- resolving one run ---------------------------------------------------------------------
 
@@ -228,16 +223,14 @@ class JobSpec:
         return None if self.manifest is None else self.manifest.replace(RUN_DATE_PLACEHOLDER, run_date)
 
     def request_for(self, run_date: str) -> ScoreRequest:
-        """The scoring run this job makes for one run date."""
-        return ScoreRequest(
-            inputs=tuple(self.inputs_for(run_date)), models=self.models, output=self.output, run_date=run_date,
-            categories=self.categories, category_from=self.category_from, category_pattern=self.category_pattern,
-            manifest=self.manifest_for(run_date), epsilon=self.nfa_epsilon, false_alarm_rate=self.false_alarm_rate,
-            resources=self.resources,
-        )
+        """The scoring run this job makes for one run date: its settings, with the date filled in."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(ScoringSettings)}
+        return ScoreRequest(**{**settings, "manifest": self.manifest_for(run_date)},
+                            inputs=tuple(self.inputs_for(run_date)), models=self.models, output=self.output, run_date=run_date)
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        """The spec as written in YAML (``nfa_epsilon``, not the field's ``epsilon``)."""
+        return {self.spelt(key): value for key, value in to_dict(self).items()}
 
 
 def _number_from_yaml(spec: JobSpec, name: str) -> None:
@@ -256,16 +249,17 @@ _REQUIRED = ("name", "schedule", "inputs", "models", "output")
 
 
 def job_spec_from_dict(data: Any) -> JobSpec:
-    """Build and validate a :class:`JobSpec` from parsed YAML/JSON data."""
+    """Build and validate a :class:`JobSpec` from parsed YAML/JSON data (keys as a spec writes them)."""
     require(isinstance(data, dict), f"a job spec must be a mapping of fields, got {type(data).__name__}")
-    check_known_fields("job spec", data, JobSpec.__dataclass_fields__)  # a typo is named before what it leaves missing
+    keys = {JobSpec.SPELLING.get(f.name, f.name): f.name for f in dataclasses.fields(JobSpec)}
+    check_known_fields("job spec", data, keys)  # a typo is named before what it leaves missing
     missing = [name for name in _REQUIRED if name not in data]
     require(not missing, f"job spec: missing required field(s) {missing}")
     if isinstance(data.get("resources"), dict):
         check_known_fields("resources", data["resources"], ScoringResources.__dataclass_fields__)
     if data.get("resources") is None and "resources" in data:
         data = {k: v for k, v in data.items() if k != "resources"}
-    return from_dict(JobSpec, data)
+    return from_dict(JobSpec, {keys[key]: value for key, value in data.items()})
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
