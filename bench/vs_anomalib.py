@@ -27,8 +27,12 @@ code, including its validation pass) against anomalib's UFlow training step
 plain loop, without Lightning's own overhead, which flatters anomalib.
 Target: >= 3x.
 
-anomalib is a benchmark-only extra (``pip install -e '.[bench]'``, see
-bench/README.md); it is never a dependency of the package.
+With ``--model``, the same model also scores through ONNX Runtime
+(``uflow-batch export``'s graph, the verdict in torch on its latents) when
+the ``export`` extra is installed.
+
+anomalib is a benchmark-only extra (``pip install -e '.[bench,export]'``,
+see bench/README.md); it is never a dependency of the package.
 
     python bench/vs_anomalib.py --threads 1
     python bench/vs_anomalib.py --threads 1 --model out/mtd/tile_exp1 --training
@@ -114,13 +118,16 @@ def cpu_seconds(fn: Callable[[], object], device: torch.device) -> float:
     return clock() - start
 
 
-def compare_scoring(detector: UFlowDetector, batches: list[Batch], device: torch.device, rounds: int) -> None:
+def compare_scoring(detector: UFlowDetector, batches: list[Batch], device: torch.device, rounds: int,
+                    onnx_detector: object | None = None) -> None:
     peers = {name: model.to(device) for name, model in anomalib_models(detector.input_size).items()}
     inputs = [normalized_for_lite0(b.images).to(device) for b in batches]
     sides: dict[str, Callable[[int], object]] = {
         "project backbone alone": lambda i: detector.features(batches[i].images),
         "project full scoring": lambda i: detector.score(batches[i].images, batches[i].sizes),
     }
+    if onnx_detector is not None:
+        sides["project full scoring, ONNX Runtime"] = lambda i: onnx_detector.score(batches[i].images, batches[i].sizes)
     for name, model in peers.items():
         sides[name] = lambda i, model=model: model(inputs[i])
     n_images = sum(len(b.sizes) for b in batches)
@@ -200,6 +207,18 @@ def compare_training(detector: UFlowDetector, data_root: Path, category: str, n_
     print(f"  speed-up = {ratio:.1f}x  (target >= {TRAINING_TARGET:.0f}x: {'meets' if ratio >= TRAINING_TARGET else 'BELOW'})")
 
 
+def onnx_side(args: argparse.Namespace, device: torch.device) -> object | None:
+    """The same trained model scoring through ONNX Runtime (``uflow-batch export``'s graph), where it can run."""
+    if not args.model or device.type != "cpu":
+        return None
+    try:
+        from uflow_batch.onnx_scoring import load_onnx_detector
+        return load_onnx_detector(args.model, threads=torch.get_num_threads())
+    except ImportError as exc:
+        print(f"(no ONNX Runtime side: {exc}; install the 'export' extra)")
+        return None
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a trained model directory; default: an untrained default detector")
@@ -232,7 +251,7 @@ def main() -> None:
     print(f"project detector: {what}; kind {detector.config.kind}, backbone {detector.config.backbone.name} layers "
           f"{detector.config.backbone.layers}, input {detector.input_size}, NFA test {detector.config.nfa.test}")
     print(f"{args.images} images from {args.data}, batch {args.batch_size}, {args.rounds} interleaved rounds\n")
-    compare_scoring(detector, batches, device, args.rounds)
+    compare_scoring(detector, batches, device, args.rounds, onnx_side(args, device))
     if args.training:
         compare_training(detector, Path(args.data), args.train_category, args.train_images, args.epochs,
                          args.batch_size, device)
