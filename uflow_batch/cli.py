@@ -18,7 +18,10 @@ import click
 from tqdm import tqdm
 
 from . import __version__
+from .cli_options import config_from_options, config_options
 from .config import (
+    EVALUATION_BATCH_SIZE,
+    REPORT_TOP_N,
     BackboneConfig,
     ConfigError,
     DetectorConfig,
@@ -27,7 +30,6 @@ from .config import (
     NFA_TESTS,
     NFAConfig,
     ScoreRequest,
-    ScoringResources,
     TaskResources,
     TrainConfig,
     check_known_fields,
@@ -243,24 +245,6 @@ def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, addres
         click.get_current_context().exit(1)
 
 
-def scoring_options(command):
-    options = [
-        click.option("--batch-size", default=_default(ScoringResources, "batch_size"), show_default=True, help="Images per inference batch."),
-        click.option("--actors", default=_default(ScoringResources, "actors"), show_default=True, help="Inference actors (each holds the models it needs)."),
-        click.option("--gpus-per-actor", default=None, type=float,
-                     help="GPUs per inference actor (default: 1 if the cluster has GPUs, else 0 = CPU inference)."),
-        click.option("--cpus-per-actor", default=_default(ScoringResources, "cpus_per_actor"), show_default=True, help="CPUs reserved by each inference actor."),
-        click.option("--decode-cpus", default=_default(ScoringResources, "decode_cpus"), show_default=True, help="CPUs reserved by each read/decode task."),
-        click.option("--rows-per-file", default=_default(ScoreRequest, "rows_per_file"), show_default=True,
-                     help="Rows gathered before a Parquet part file is committed (smaller: finer resume points)."),
-        click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)."),
-        click.option("--dry-run", is_flag=True, help="Print what would be scored (lists the inputs), score nothing."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 def _print_preview(counts: dict) -> None:
     columns = [("to_score", "to score"), ("done", "already scored"), ("no_model", "no model"),
                ("late", "late (second pass)")]
@@ -300,31 +284,21 @@ def _run_scoring(request, address: str | None, dry_run: bool):
     return summary
 
 
+# ScoreRequest fields without an option: the run date defaults to today here (to the job's lag in run-job),
+# the category source follows --manifest, and the listing block and retries are tuning the CLI leaves alone.
+SCORE_FIELDS_WITHOUT_OPTION = ("run_date", "category_from", "listing_block_rows", "storage_retries")
+
+
 @main.command()
-@click.option("--input", "inputs", required=True, multiple=True,
-              help="Archive root to score (repeatable): <root>/<category>/... ; local path, s3:// or gs:// URL.")
-@click.option("--models", required=True, help="Model store URL written by train-all.")
-@click.option("--output", required=True, help="Output root; Parquet lands in <output>/category=<c>/run_date=<d>/.")
+@config_options(ScoreRequest, skip=SCORE_FIELDS_WITHOUT_OPTION)
 @click.option("--run-date", default=None, help="Run date YYYY-MM-DD (default: today, UTC).")
-@click.option("--categories", default=None, help="Comma-separated categories to score (default: all folders found).")
-@click.option("--category-pattern", default=None,
-              help="Regex with a group named 'category', searched in each object's path under its input root "
-                   "(default: the first folder, i.e. '^(?P<category>[^/]+)/').")
-@click.option("--manifest", default=None, help="CSV/JSONL manifest (uri,category) instead of categories from paths.")
-@click.option("--epsilon", default=None, type=float, help="Override the models' mask threshold epsilon.")
-@click.option("--false-alarm-rate", default=None, type=float,
-              help="Override the models' image verdict: the share of good images that may be flagged, e.g. 0.01.")
-@scoring_options
-def score(inputs, models, output, run_date, categories, category_pattern, manifest, epsilon, false_alarm_rate, batch_size, actors,
-          gpus_per_actor, cpus_per_actor, decode_cpus, rows_per_file, address, dry_run) -> None:
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).")
+@click.option("--dry-run", is_flag=True, help="Print what would be scored (lists the inputs), score nothing.")
+def score(run_date, address, dry_run, **options) -> None:
     """Score image archives into Parquet (streaming, resumable, one row per image)."""
-    request = ScoreRequest(
-        inputs=inputs, models=models, output=output, run_date=run_date or datetime.now(timezone.utc).date().isoformat(),
-        categories=tuple(c for c in categories.split(",") if c) if categories else None,
-        category_from="manifest" if manifest else "path", category_pattern=category_pattern, manifest=manifest,
-        epsilon=epsilon, false_alarm_rate=false_alarm_rate, rows_per_file=rows_per_file,
-        resources=ScoringResources(batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
-                                   cpus_per_actor=cpus_per_actor, decode_cpus=decode_cpus),
+    request = config_from_options(
+        ScoreRequest, options, run_date=run_date or datetime.now(timezone.utc).date().isoformat(),
+        category_from="manifest" if options["manifest"] else "path",
     )
     _run_scoring(request, address, dry_run)
 
@@ -387,7 +361,7 @@ def _models_to_evaluate(model_dirs: tuple[str, ...], store_url: str | None) -> l
 @click.option("--models", "store_url", default=None, help="Model store URL: evaluate the current model of every category.")
 @click.option("--category", default=None, help="Category to evaluate (default: the one recorded in the model).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--batch-size", default=EVALUATION_BATCH_SIZE, show_default=True, help="Test images per forward pass.")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
 @click.option("--figure-out", default=None, type=click.Path(dir_okay=False),
               help="Write the calibration curves (false detections per good image against epsilon) as a PNG here.")
@@ -466,7 +440,7 @@ def calibrate(model_dirs, data, nfa_test, device) -> None:
 @main.command()
 @click.option("--scores", required=True, help="Root of the scores dataset (local path or s3:// URL).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
-@click.option("--top", default=24, show_default=True, help="How many of the most anomalous images to show.")
+@click.option("--top", default=REPORT_TOP_N, show_default=True, help="How many of the most anomalous images to show.")
 @click.option("--category", "categories", multiple=True, help="Only these categories (repeatable).")
 @click.option("--run-date", "run_dates", multiple=True, help="Only these run dates, YYYY-MM-DD (repeatable).")
 def report(scores, out, top, categories, run_dates) -> None:

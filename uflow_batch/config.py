@@ -453,3 +453,9 @@ class ScoreRequest(ScoringSettings):
             check_no_credentials(f"inputs[{i}]", url)
         for name in ("listing_block_rows", "rows_per_file", "storage_retries"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name} must be an integer >= 1")
+
+
+# Defaults of library functions that the CLI also offers (``evaluate --batch-size``,
+# ``report --top``), defined here so the command shows the library's own value.
+EVALUATION_BATCH_SIZE = 8  # test images per forward pass in evaluate_detector
+REPORT_TOP_N = 24  # most anomalous images a report shows

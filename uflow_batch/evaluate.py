@@ -32,6 +32,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from . import data, storage
+from .config import EVALUATION_BATCH_SIZE
 from .model.anomaly import NFAMaps, resize_map
 from .model.calibration import REPORT_EPSILONS, false_alarms
 from .model import ScoreMaps, UFlowDetector
@@ -199,7 +200,7 @@ def evaluate_detector(
     detector: UFlowDetector,
     data_root: str,
     category: str,
-    batch_size: int = 8,
+    batch_size: int = EVALUATION_BATCH_SIZE,
     on_image: Callable[[int, int], None] | None = None,
     fair_threshold: float = math.nan,
     training_seconds: float = math.nan,

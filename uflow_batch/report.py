@@ -35,6 +35,7 @@ from PIL import Image, ImageFilter
 from plotly.basedatatypes import BaseTraceType
 
 from . import __version__, storage
+from .config import REPORT_TOP_N
 from .data import decode_image, decode_mask
 from .pipelines.schema import CURRENT_ROW_COLUMNS, ERROR_CODES, PARTITION_COLUMNS, RESULT_SCHEMA, current_rows
 
@@ -459,7 +460,7 @@ def _figures(table: pa.Table) -> list[dict]:
 def build_report(
     scores_url: str,
     out_path: str,
-    top_n: int = 24,
+    top_n: int = REPORT_TOP_N,
     categories: Iterable[str] | None = None,
     run_dates: Iterable[str | date] | None = None,
 ) -> ReportSummary:
