@@ -173,6 +173,21 @@ def test_an_image_that_breaks_inference_fails_alone(archive, model_store):
     assert [r["error"] for r in out] == [None, "inference_error", None]
 
 
+def test_the_onnx_runtime_gives_the_rows_torch_gives(model_store, archive):
+    pytest.importorskip("onnxruntime")
+    items = listing_rows(archive, model_store)
+    decoded = fetch_and_decode(pa.Table.from_pylist(items, schema=LISTING_SCHEMA),
+                               resolve_models(model_store, ["brushed_metal", "fabric"]).input_sizes)
+    torch_rows = CategoryScorer(model_store, device="cpu")(decoded).to_pylist()
+    onnx_rows = CategoryScorer(model_store, device="cpu", runtime="onnx")(decoded).to_pylist()
+    assert [r["image_uri"] for r in onnx_rows] == [r["image_uri"] for r in torch_rows]
+    for ours, theirs in zip(onnx_rows, torch_rows):
+        assert ours["error"] == theirs["error"]
+        if ours["error"] is None:
+            assert ours["image_score"] == pytest.approx(theirs["image_score"], abs=1e-4)
+            assert ours["is_anomalous"] == theirs["is_anomalous"]
+
+
 def test_part_names_depend_on_content_not_order():
     a = commit.part_name("k", "run1", ["u1", "u2"], ["v1", "v1"])
     assert a == commit.part_name("k", "run1", ["u2", "u1"], ["v1", "v1"])

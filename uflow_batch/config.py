@@ -334,6 +334,9 @@ class TaskResources:
                 f"attempts per category must be an integer >= 1, got {self.max_attempts}")
 
 
+SCORING_RUNTIMES = ("torch", "onnx")
+
+
 @dataclass(frozen=True)
 class ScoringResources:
     """How the scoring pipeline sizes its Ray work: inference actors, their batches, the decode tasks.
@@ -348,6 +351,9 @@ class ScoringResources:
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved by each inference actor."})
     actors: int = field(default=1, metadata={"help": "Inference actors (each holds the models it needs)."})
     decode_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved by each read/decode task."})
+    runtime: str = field(default="torch", metadata={
+        "help": "What runs the model on CPU actors: torch, or onnx (ONNX Runtime on the exported graph, the "
+                "verdict in torch; ~1.7x torch on one thread; needs the 'export' extra). GPU actors use torch."})
 
     def __post_init__(self) -> None:
         require(is_int(self.batch_size) and self.batch_size >= 1,
@@ -360,6 +366,8 @@ class ScoringResources:
                  f"resources.actors must be an integer >= 1, got {self.actors!r}")
         require(is_number(self.decode_cpus) and self.decode_cpus > 0,
                  f"resources.decode_cpus must be a number > 0, got {self.decode_cpus!r}")
+        require(self.runtime in SCORING_RUNTIMES,
+                f"resources.runtime must be one of {', '.join(SCORING_RUNTIMES)}, got {self.runtime!r}")
         for name in ("gpus_per_actor", "cpus_per_actor", "decode_cpus"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))

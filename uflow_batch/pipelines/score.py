@@ -20,6 +20,7 @@ Listing and write tasks import no torch, so they stay small (~100 MB, not ~1 GB)
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
 from collections import Counter
@@ -166,6 +167,8 @@ def run_scoring(request: ScoreRequest, started_at: datetime | None = None) -> Sc
     gpus = gpus_per_worker(resources.gpus_per_actor)
     check_fits("an inference actor (resources.cpus_per_actor, gpus_per_actor)", resources.cpus_per_actor, gpus)
     check_fits("a decode task (resources.decode_cpus)", resources.decode_cpus)
+    if resources.runtime == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        raise ConfigError("resources.runtime onnx needs ONNX Runtime: pip install 'uflow-batch[export]'")
     if not any(models.versions.values()) and not models.unusable and not storage.ModelStore(request.models).categories():
         # Every image would become a no_model row: a mistyped --models, not a night's result.
         raise ConfigError(f"the model store {storage.redact(request.models)} holds no model; is --models right?")
@@ -204,6 +207,7 @@ def _score_and_write(dataset: ray.data.Dataset, request: ScoreRequest, models: M
         fn_constructor_kwargs={
             "models_url": request.models, "device": "cuda" if gpus > 0 else "cpu",
             "epsilon": request.epsilon, "false_alarm_rate": request.false_alarm_rate, "num_threads": max(1, int(resources.cpus_per_actor)),
+            "runtime": resources.runtime,
         },
         batch_size=resources.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=resources.actors),

@@ -96,9 +96,13 @@ class CategoryScorer:
     """
 
     def __init__(self, models_url: str, device: str = "auto", epsilon: float | None = None,
-                 false_alarm_rate: float | None = None, cache_size: int = 4, num_threads: int | None = None) -> None:
+                 false_alarm_rate: float | None = None, cache_size: int = 4, num_threads: int | None = None,
+                 runtime: str = "torch") -> None:
         self.store = storage.ModelStore(models_url)
         self.device = resolve_device(device)
+        # ONNX Runtime is the CPU path (measured 1.7x torch's full scoring on one thread); a GPU actor stays on torch.
+        self.runtime = runtime if self.device.type == "cpu" else "torch"
+        self.num_threads = num_threads
         self.epsilon = epsilon
         self.false_alarm_rate = false_alarm_rate
         self.cache_size = cache_size
@@ -112,7 +116,12 @@ class CategoryScorer:
             self.models.move_to_end(key)
             return self.models[key]
         directory, _ = self.store.fetch(category, version)
-        detector = load_detector(directory, device=self.device)
+        if self.runtime == "onnx":
+            from ..onnx_scoring import load_onnx_detector  # the export extra: imported only when asked for
+
+            detector = load_onnx_detector(directory, threads=self.num_threads)
+        else:
+            detector = load_detector(directory, device=self.device)
         self.models[key] = detector
         if len(self.models) > self.cache_size:
             self.models.popitem(last=False)
