@@ -232,7 +232,8 @@ def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, addres
         raise ConfigError(f"--category-kinds names categories that are not trained: {', '.join(stray)}")
     with ray_session(address), tqdm(total=len(wanted), desc="categories", unit="category", file=sys.stderr) as bar:
         outcomes = run_train_all(data, models, wanted, detector_config, train_config, resources,
-                                 on_done=lambda o: (bar.update(), bar.set_postfix_str(f"{o.category}: {o.status}")), kinds=kinds)
+                                 on_done=lambda o: (bar.update(), bar.set_postfix_str(f"{o.category}: {o.status}")), kinds=kinds,
+                                 on_progress=lambda latest: bar.set_postfix_str(_epochs_line(latest)))
     rows = [{**o.as_dict(), "seconds": round(o.seconds, 1), "best_val_loss": o.best_val_loss if o.best_val_loss is not None else "-",
              "model_version": o.model_version or "-", "node": (o.node_id or "-")[:8]} for o in outcomes]
     click.echo(format_table(rows, [("status", "status"), ("attempts", "attempts"), ("epochs", "epochs"),
@@ -243,6 +244,11 @@ def train_all(data, models, categories, num_cpus, num_gpus, max_attempts, addres
         click.echo(f"{outcome.category} failed: {outcome.error}", err=True)
     if failed:
         click.get_current_context().exit(1)
+
+
+def _epochs_line(latest: dict) -> str:
+    """``tile_exp1 12/200 val -3.1e+04, ...``: where each category still training stands."""
+    return ", ".join(f"{c} {p.epoch}/{p.max_epochs} val {p.val_loss:.3g}" for c, p in sorted(latest.items()))
 
 
 def _print_preview(counts: dict) -> None:
