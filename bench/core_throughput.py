@@ -93,6 +93,30 @@ def build_detector(args: argparse.Namespace, device: torch.device) -> tuple[UFlo
     return detector, "untrained flow, default DetectorConfig (flow weights do not change the cost)"
 
 
+def check_input_size(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--input-size H [W]`` for the untrained detector: one side means a square."""
+    if args.input_size is None:
+        return
+    if args.model:
+        parser.error("--input-size is fixed by --model")
+    if len(args.input_size) == 1:
+        args.input_size = args.input_size * 2
+    if len(args.input_size) != 2:
+        parser.error("--input-size takes a height and optionally a width")
+
+
+def prepare(args: argparse.Namespace, device: torch.device | None = None) -> tuple[torch.device, UFlowDetector, str, list[Batch]]:
+    """Threads, device, detector and the decoded batches every benchmark here starts from (``device``: a fixed one)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = device or resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device")
+    detector, what = build_detector(args, device)
+    batches = load_batches(image_paths(Path(args.data), args.images), detector.input_size, args.batch_size)
+    return device, detector, what, batches
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -320,13 +344,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.images, args.batch_size, args.rounds, args.warmup, args.nfa_repeats, args.ref_pixels = 8, 4, 1, 1, 2, 300
-    if args.input_size is not None:
-        if args.model:
-            parser.error("--input-size is fixed by --model")
-        if len(args.input_size) == 1:
-            args.input_size = args.input_size * 2
-        if len(args.input_size) != 2:
-            parser.error("--input-size takes a height and optionally a width")
+    check_input_size(parser, args)
     if args.images < 1 or args.batch_size < 1 or args.rounds < 1 or args.nfa_repeats < 1 or args.ref_pixels < 1:
         parser.error("--images, --batch-size, --rounds, --nfa-repeats and --ref-pixels must be >= 1")
     return args
@@ -334,21 +352,15 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch sees no CUDA device")
-    detector, what = build_detector(args, device)
-    paths = image_paths(Path(args.data), args.images)
-    batches = load_batches(paths, detector.input_size, args.batch_size)
+    device, detector, what, batches = prepare(args)
+    n_images = sum(len(b.sizes) for b in batches)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device      : {device} ({device_name}); torch {torch.__version__}; "
           f"torch threads {torch.get_num_threads()} of {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     print(f"detector    : {what}; backbone {detector.config.backbone.name}, input {detector.input_size}, "
           f"latents {detector.flow.latent_shapes}")
-    print(f"images      : {len(paths)} from {args.data} (original sizes "
+    print(f"images      : {n_images} from {args.data} (original sizes "
           f"{sorted({s for b in batches for s in b.sizes})[:4]}...), decoded and resized before timing; "
           f"batch {args.batch_size}, {args.rounds} round(s), {args.warmup} warm-up batch(es)")
     load = os.getloadavg()[0]

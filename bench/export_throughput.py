@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from core_throughput import DEFAULT_DATA, build_detector, image_paths, load_batches
+from core_throughput import DEFAULT_DATA, check_input_size, prepare
 
 from uflow_batch.export import ScoringGraph, export_detector, onnx_session, run_exported
 from uflow_batch.model import UFlowDetector
@@ -67,13 +67,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.images, args.batch_size, args.rounds, args.warmup = 8, 4, 1, 1
-    if args.input_size is not None:
-        if args.model:
-            parser.error("--input-size is fixed by --model")
-        if len(args.input_size) == 1:
-            args.input_size = args.input_size * 2
-        if len(args.input_size) != 2:
-            parser.error("--input-size takes a height and optionally a width")
+    check_input_size(parser, args)
     if min(args.images, args.batch_size, args.rounds) < 1 or args.warmup < 0:
         parser.error("--images, --batch-size and --rounds must be >= 1, --warmup >= 0")
     return args
@@ -122,12 +116,8 @@ def parity(detector: UFlowDetector, session, batches) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cpu")  # ONNX Runtime's CPU provider: both sides on the CPU
-    detector, what = build_detector(args, device)
-    paths = image_paths(Path(args.data), args.images)
-    batches = load_batches(paths, detector.input_size, args.batch_size)
+    # ONNX Runtime's CPU provider: both sides on the CPU.
+    device, detector, what, batches = prepare(args, torch.device("cpu"))
     n_images = sum(len(b.sizes) for b in batches)
 
     import onnxruntime

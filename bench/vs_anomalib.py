@@ -52,10 +52,10 @@ from unittest import mock
 
 import timm
 import torch
-from core_throughput import DEFAULT_DATA, Batch, build_detector, image_paths, load_batches
+from core_throughput import DEFAULT_DATA, Batch, load_batches, prepare
 
 from uflow_batch.config import TrainConfig
-from uflow_batch.model import UFlowDetector, resolve_device
+from uflow_batch.model import UFlowDetector
 from uflow_batch.model.backbones import features_from_state, lite0_state_dict
 from uflow_batch.manifest import TrainingReport
 from uflow_batch.train import fit_flow
@@ -241,11 +241,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    detector, what = build_detector(args, device)
-    batches = load_batches(image_paths(Path(args.data), args.images), detector.input_size, args.batch_size)
+    device, detector, what, batches = prepare(args)
     print(f"device {device}; torch {torch.__version__}; {torch.get_num_threads()} thread(s) of {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"project detector: {what}; kind {detector.config.kind}, backbone {detector.config.backbone.name} layers "
