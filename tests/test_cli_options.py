@@ -53,7 +53,7 @@ def test_the_score_options_keep_their_names():
     assert names == sorted([
         "--input", "--models", "--output", "--run-date", "--categories", "--category-pattern", "--manifest",
         "--epsilon", "--false-alarm-rate", "--batch-size", "--actors", "--gpus-per-actor", "--cpus-per-actor",
-        "--decode-cpus", "--runtime", "--rows-per-file", "--address", "--dry-run",
+        "--decode-cpus", "--runtime", "--rows-per-file", "--max-error-fraction", "--address", "--dry-run",
     ])
     assert _options(cli.score)["batch_size"].default == ScoringResources().batch_size == 16
 
@@ -96,6 +96,7 @@ def test_a_field_without_help_text_cannot_become_an_option():
     (["--batch-size", "0"], "resources.batch_size must be an integer >= 1"),
     (["--epsilon", "0"], "epsilon must be a number > 0"),
     (["--runtime", "tensorrt"], "resources.runtime must be one of torch, onnx"),
+    (["--max-error-fraction", "1.5"], "max_error_fraction must be a fraction of a run's rows in [0, 1]"),
 ])
 def test_a_bad_value_is_one_line_and_exit_code_2(tmp_path, args, message):
     done = subprocess.run([sys.executable, "-m", "uflow_batch.cli", "score", "--input", str(tmp_path), "--models", "m",

@@ -59,7 +59,7 @@ def test_the_example_spec_loads_with_every_field_as_written():
     )
     assert spec.categories == ("tile_exp1", "tile_exp2")
     assert spec.category_from == "path" and spec.manifest is None
-    assert spec.nfa_epsilon == 1.0
+    assert spec.nfa_epsilon == 1.0 and spec.max_error_fraction == 0.05
     assert spec.resources == ScoringResources(batch_size=16, gpus_per_actor=1.0, cpus_per_actor=2.0, actors=2, decode_cpus=1.0)
     assert spec.retention_days == 90 and spec.lag_days == 1 and spec.ray_address is None
 
@@ -100,6 +100,14 @@ def test_the_false_alarm_rate_of_a_spec_reaches_the_scoring_request():
     spec = job_spec_from_dict(spec_with(false_alarm_rate=0.001))
     assert spec.request_for("2026-01-01").false_alarm_rate == 0.001
     assert job_spec_from_dict(spec_with()).request_for("2026-01-01").false_alarm_rate is None, "each model keeps its own"
+
+
+def test_the_error_threshold_of_a_spec_reaches_the_scoring_request():
+    assert job_spec_from_dict(spec_with(max_error_fraction="5e-2")).request_for("2026-01-01").max_error_fraction == 0.05
+    assert job_spec_from_dict(spec_with(max_error_fraction=0)).max_error_fraction == 0.0
+    assert job_spec_from_dict(spec_with()).request_for("2026-01-01").max_error_fraction is None, "no limit by default"
+    with pytest.raises(ConfigError, match=r"max_error_fraction must be a fraction of a run's rows in \[0, 1\]"):
+        job_spec_from_dict(spec_with(max_error_fraction=5))
 
 
 def test_round_trip_through_to_dict():

@@ -145,6 +145,11 @@ def check_false_alarm_rate(rate: Any, name: str = "false_alarm_rate") -> None:
             f"{name} must be a fraction of good images in (0, 1), e.g. 0.01 (or null to keep each model's), got {rate!r}")
 
 
+def check_max_error_fraction(fraction: Any, name: str = "max_error_fraction") -> None:
+    require(fraction is None or (is_number(fraction) and 0 <= fraction <= 1),
+            f"{name} must be a fraction of a run's rows in [0, 1], e.g. 0.05 (or null for no limit), got {fraction!r}")
+
+
 _USERINFO_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@")
 
 
@@ -402,6 +407,9 @@ class ScoringSettings:
         "help": "Override the models' mask threshold epsilon (pixels of a flagged image with NFA below it)."})
     false_alarm_rate: float | None = field(default=None, metadata={
         "help": "Override the models' image verdict: the share of good images that may be flagged, e.g. 0.01."})
+    max_error_fraction: float | None = field(default=None, metadata={
+        "help": "Fail the run (exit code 3, status 'partial' in its run log) when more than this fraction of the "
+                "rows it writes are errors, e.g. 0.05 (default: never)."})
     resources: ScoringResources = field(default_factory=ScoringResources)
 
     def spelt(self, name: str) -> str:
@@ -418,6 +426,7 @@ class ScoringSettings:
             check_no_credentials("manifest", self.manifest)
         check_epsilon(self.epsilon, self.spelt("epsilon"))
         check_false_alarm_rate(self.false_alarm_rate, self.spelt("false_alarm_rate"))
+        check_max_error_fraction(self.max_error_fraction, self.spelt("max_error_fraction"))
         require(isinstance(self.resources, ScoringResources),
                 f"resources must be ScoringResources (in a spec: a mapping of "
                 f"{sorted(ScoringResources.__dataclass_fields__)}), got {self.resources!r}")

@@ -184,7 +184,7 @@ class JobSpec(ScoringSettings):
         _check_url("output", self.output, placeholder_ok=False)
         if self.manifest is not None:
             _check_url("manifest", self.manifest, placeholder_ok=True)
-        for name in ("epsilon", "false_alarm_rate"):
+        for name in ("epsilon", "false_alarm_rate", "max_error_fraction"):
             _number_from_yaml(self, name)
         super().__post_init__()
 
