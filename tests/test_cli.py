@@ -112,6 +112,32 @@ def test_run_job_dry_run_then_run_then_rerun(model_store, tmp_path):
     assert again.returncode == 0 and "0 rows in 0 part files" in again.stdout
 
 
+@pytest.mark.slow
+def test_a_night_with_more_errors_than_its_threshold_exits_3_with_one_line_and_below_it_exits_0(model_store, tmp_path):
+    run_date = "2026-11-22"
+    archive = write_scoring_archive(str(tmp_path / "archive" / run_date), TINY_SYNTHETIC, n_per_category=1)
+    errors = sum(f.expected != "scored" for f in archive.files)
+    fraction = errors / len(archive.files)
+    assert 0.2 < fraction < 0.8, "the corrupt files are a good part of this archive"
+
+    below = uflow("score", "--input", archive.root, "--models", model_store, "--output", str(tmp_path / "below"),
+                  "--run-date", run_date, "--batch-size", "4", "--max-error-fraction", f"{fraction + 0.1:.2f}")
+    assert below.returncode == 0, below.stderr[-3000:]
+    assert f"succeeded: {errors} errors in {len(archive.files)} rows" in below.stdout and "error:" not in below.stderr
+
+    output = tmp_path / "above"
+    old = write_part(str(output), "fabric", "2020-01-01", "old", "run0", _empty_rows())
+    spec = job_spec(tmp_path, str(tmp_path / "archive"), model_store, str(output))
+    spec.write_text(spec.read_text() + "max_error_fraction: 0.1\n")
+    above = uflow("run-job", str(spec), "--run-date", run_date)
+    assert above.returncode == 3, above.stderr[-3000:]
+    (line,) = [line for line in above.stderr.splitlines() if line.startswith("error:")]
+    assert f"{errors} of {len(archive.files)} rows are errors" in line and "above max_error_fraction 0.1" in line
+    (record,) = [json.loads(p.read_text()) for p in (output / "_runs").glob("run_date=*/*.json")]
+    assert record["status"] == "partial" and record["errors"] == errors
+    assert Path(old).exists(), "no retention after a night that did not succeed"
+
+
 def _empty_rows():
     import pyarrow as pa
 

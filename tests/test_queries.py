@@ -407,6 +407,42 @@ def test_the_cli_prints_a_query_as_csv_or_json_lines_with_every_row(scores):
 
 # --- mixed schema versions (docs/schema.md, "Schema versions") --------------------------------
 #
+# The run log (<root>/_runs/...) and the completion markers (_SUCCESS.json in each partition) lie
+# beside the data; no reader may take them for data.
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory) -> ScoresDataset:
+    """The scores dataset with a run record (final and one still running) and a marker in every partition."""
+    from datetime import timezone
+
+    from uflow_batch.pipelines import runlog
+
+    scores = build_scores_dataset(tmp_path_factory.mktemp("logged") / "scores")
+    root = str(scores.root)
+    for partition in sorted(scores.root.glob("category=*/run_date=*")):
+        category, run_date = (part.split("=", 1)[1] for part in partition.relative_to(scores.root).parts)
+        for run_id in ("donerun", "liverun"):
+            log = runlog.RunLog(root, run_date, run_id, datetime.now(timezone.utc), inputs=["a"], manifest=None,
+                                models="m", max_error_fraction=None)
+            log.start()
+            if run_id == "donerun":
+                log.finish(runlog.SUCCEEDED, by_category={category: {"ok": 1}}, model_versions={}, files=1, late={},
+                           markers=[category])
+        runlog.write_markers(root, run_date, "donerun", {category: {"ok": 1}}, {}, {category: 1}, [category])
+        assert (partition / runlog.MARKER_NAME).is_file()
+    assert list(scores.root.glob(f"{runlog.RUNS_DIR}/run_date=*/*.json"))
+    return scores
+
+
+@pytest.mark.parametrize("flavour", ["duckdb", "pandas", "polars"])
+def test_run_records_and_completion_markers_are_not_data_to_any_reader(flavour, logged):
+    for name in sorted(CHECKS):
+        CHECKS[name](records(run_reader(flavour, name, str(logged.root))), logged)
+    if flavour == "pandas":
+        files = load_examples("pandas_examples").dataset(str(logged.root)).files
+        assert files and all(f.endswith(".parquet") and "/_runs/" not in f for f in files)
+
+
 # A new version adds columns and older partitions are never rewritten, so every reader meets part
 # files of several versions, even side by side in one night: the readers shipped with this
 # version must read a part of the next one (built from this version's table plus columns) and

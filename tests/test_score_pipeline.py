@@ -23,6 +23,7 @@ import pytest
 from uflow_batch import analysts, storage
 from uflow_batch.config import ScoringResources
 from uflow_batch.devtools.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
+from uflow_batch.pipelines import runlog
 from uflow_batch.pipelines.score import ScoreRequest, run_scoring
 from uflow_batch.storage import ModelStore
 
@@ -72,6 +73,43 @@ def test_an_archive_gets_one_row_per_object_and_a_rerun_writes_nothing(ray_local
     again = run_scoring(request(archive.root, model_store, output))
     assert again.rows_written == 0
     assert_exactly_once(output, {f.url for f in archive.files})
+
+
+def test_a_run_leaves_one_run_record_and_marks_the_partitions_it_completed(ray_local, model_store, tmp_path):
+    """The run log says what ran, how it ended and what it counted; a re-run that scores nothing says so too."""
+    archive = write_scoring_archive(str(tmp_path / "archive"), TINY_SYNTHETIC, n_per_category=1)
+    output = str(tmp_path / "scores")
+    summary = run_scoring(request(archive.root, model_store, output))
+    expected = Counter()
+    for file in archive.files:
+        expected[(file.category, {SCORED: "ok", DECODE_ERROR: "decode_error", NO_MODEL: "no_model"}[file.expected])] += 1
+    counts = {c: {o: n for (cat, o), n in expected.items() if cat == c} for c, _ in expected}
+    errors = sum(n for (_, outcome), n in expected.items() if outcome != "ok")
+
+    (record,) = runlog.run_records(output, RUN_DATE)
+    assert record["run_id"] == summary.run_id and record["status"] == runlog.SUCCEEDED and record["reason"] is None
+    assert record["counts"] == counts and record["rows"] == len(archive.files) == summary.rows_written
+    assert record["errors"] == errors and record["error_fraction"] == pytest.approx(errors / len(archive.files))
+    assert record["errors_by_kind"] == {"decode_error": 4, "no_model": 1}
+    assert record["model_versions"] == summary.model_versions and record["inputs"] == [archive.root]
+    assert record["started_at"] <= record["ended_at"]
+    parts = sorted(str(p) for p in Path(output).glob(record["part_glob"]))
+    assert parts and parts == sorted(str(p) for p in Path(output).glob("category=*/run_date=*/part-*.parquet"))
+
+    assert record["completed_partitions"] == sorted(counts)
+    for category, outcomes in counts.items():
+        marker = runlog.read_json(runlog.marker_url(output, category, RUN_DATE))
+        assert marker["run_id"] == summary.run_id and marker["counts"] == outcomes
+        assert marker["rows"] == sum(outcomes.values()) and marker["model_version"] == summary.model_versions.get(category)
+    assert_exactly_once(output, {f.url for f in archive.files})  # pyarrow's dataset reads no record and no marker
+
+    again = run_scoring(request(archive.root, model_store, output))
+    first, second = runlog.run_records(output, RUN_DATE)
+    assert first == record, "a record is final once its run ended"
+    assert second["run_id"] == again.run_id != summary.run_id
+    assert (second["status"], second["rows"], second["errors"], second["counts"]) == (runlog.SUCCEEDED, 0, 0, {})
+    marker = runlog.read_json(runlog.marker_url(output, "fabric", RUN_DATE))
+    assert marker["run_id"] == summary.run_id, "a run with nothing left to write keeps the marker of the run that did"
 
 
 def test_new_objects_and_a_new_model_version_are_scored_on_the_next_run(ray_local, model_store, tmp_path):

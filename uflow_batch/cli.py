@@ -1,7 +1,9 @@
 """The ``uflow-batch`` command line: parse, call one function, print.
 
 Exit codes: 0 success; 1 the work ran but something failed (a category did
-not train, images errored where that is fatal); 2 bad usage or configuration.
+not train, a crash); 2 bad usage or configuration; 3 a scoring run finished
+but more of its rows are errors than ``max_error_fraction`` allows
+(:data:`EXIT_TOO_MANY_ERRORS`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from .config import (
 from .model.backbones import available_backbones
 
 log = logging.getLogger("uflow_batch")
+
+# score / run-job: the run finished, but its error fraction passed max_error_fraction (its run log says "partial").
+EXIT_TOO_MANY_ERRORS = 3
 
 
 def _setup_logging(verbose: int) -> None:
@@ -265,6 +270,9 @@ def _print_score_summary(summary) -> None:
         for c, counts in sorted(summary.by_category.items())
     ]
     click.echo(f"{summary.rows_written} rows in {summary.files_written} part files")
+    if summary.run_id:
+        click.echo(f"run {summary.run_id} {summary.status}: {summary.errors} errors in {summary.rows_written} rows "
+                   f"({summary.error_fraction:.1%}); run log {summary.run_record}")
     if rows:
         click.echo(format_table(rows, [("version", "model version")] + [(code, code) for code in codes]))
     if summary.late:
@@ -306,7 +314,16 @@ def score(run_date, address, dry_run, **options) -> None:
         ScoreRequest, options, run_date=run_date or datetime.now(timezone.utc).date().isoformat(),
         category_from="manifest" if options["manifest"] else "path",
     )
-    _run_scoring(request, address, dry_run)
+    _exit_if_too_many_errors(_run_scoring(request, address, dry_run), "--max-error-fraction")
+
+
+def _exit_if_too_many_errors(summary, name: str) -> None:
+    """One line on stderr and exit code 3 when the run's error fraction passed its threshold."""
+    if summary is None or not summary.over_error_threshold:
+        return
+    click.echo(f"error: {summary.errors} of {summary.rows_written} rows are errors ({summary.error_fraction:.1%}), "
+               f"above {name} {summary.max_error_fraction:g}; the run is marked partial in {summary.run_record}", err=True)
+    click.get_current_context().exit(EXIT_TOO_MANY_ERRORS)
 
 
 @main.command("run-job")
@@ -322,7 +339,9 @@ def run_job(spec, run_date, dry_run) -> None:
     run_date = validate_run_date(run_date) if run_date else job.default_run_date(today)
     request = job.request_for(run_date)
     click.echo(f"job {job.name}: run date {run_date}, inputs {', '.join(request.inputs) or request.manifest} -> {job.output}")
-    _run_scoring(request, job.ray_address, dry_run)
+    summary = _run_scoring(request, job.ray_address, dry_run)
+    # A night over its error threshold is not a success: retention, which runs only after one, waits.
+    _exit_if_too_many_errors(summary, "max_error_fraction")
     click.echo(apply_job_retention(job, run_date, today, dry_run=dry_run))
 
 

@@ -36,7 +36,7 @@ from ..checkpoint import MANIFEST_FILE
 from ..config import ConfigError, ScoreRequest
 from ..manifest import ModelFormatError, ModelManifest
 from ..storage import TransientStorageError
-from . import commit
+from . import commit, runlog
 from .cluster import check_fits, gpus_per_worker
 from .commit import PartSink
 from .listing import LateArrivals, ListingContext, ListingDatasource, iter_unit, plan_request_units
@@ -59,13 +59,34 @@ class ScoreSummary:
     # Objects modified after the run started, scored in its second pass (their rows are in by_category too).
     late: Counter = field(default_factory=Counter)
     late_examples: list[str] = field(default_factory=list)
+    files_by_category: Counter = field(default_factory=Counter)
+    # The run log (:mod:`.runlog`): the run's id (in its part names), final status and record URL.
+    run_id: str | None = None
+    status: str | None = None
+    run_record: str | None = None
+    max_error_fraction: float | None = None
 
     def add_written(self, written: list[dict]) -> None:
         """Count the part files a sink reports."""
         for part in written:
             self.rows_written += part["rows"]
             self.files_written += 1
+            self.files_by_category[part["category"]] += 1
             self.by_category.setdefault(part["category"], Counter()).update(part["outcomes"])
+
+    @property
+    def errors(self) -> int:
+        return runlog.error_counts(self.by_category)[1]
+
+    @property
+    def error_fraction(self) -> float:
+        """Errored rows / rows this run wrote (0 when it wrote none)."""
+        return runlog.error_fraction(self.by_category)
+
+    @property
+    def over_error_threshold(self) -> bool:
+        """More of this run's rows are errors than ``max_error_fraction`` allows."""
+        return self.max_error_fraction is not None and self.error_fraction > self.max_error_fraction
 
 
 @dataclass
@@ -152,10 +173,16 @@ def run_scoring(request: ScoreRequest, started_at: datetime | None = None) -> Sc
     written, over the fixed list the read tasks recorded. So every listed
     object gets its row in this run, whatever the clocks say, and a retried
     read task still lists what its first attempt did.
+
+    Once the request has passed every check (a bad one writes nothing), the
+    run keeps a run record under ``<output>/_runs/`` from start to end,
+    whatever the outcome, and marks each partition it completed
+    (:mod:`.runlog`). Status ``partial``, and ``summary.over_error_threshold``,
+    when more of its rows are errors than ``request.max_error_fraction``.
     """
     started_at = started_at or datetime.now(timezone.utc)
     units = plan_request_units(request)
-    summary = ScoreSummary(units=len(units))
+    summary = ScoreSummary(units=len(units), max_error_fraction=request.max_error_fraction)
     if not units:
         log.warning("nothing to score under %s", ", ".join(request.inputs) or request.manifest)
         return summary
@@ -172,7 +199,39 @@ def run_scoring(request: ScoreRequest, started_at: datetime | None = None) -> Sc
     if not any(models.versions.values()) and not models.unusable and not storage.ModelStore(request.models).categories():
         # Every image would become a no_model row: a mistyped --models, not a night's result.
         raise ConfigError(f"the model store {storage.redact(request.models)} holds no model; is --models right?")
-    run_id = commit.new_run_id()
+    run_id = summary.run_id = commit.new_run_id()
+    record = runlog.RunLog(request.output, request.run_date, run_id, started_at, inputs=request.inputs,
+                           manifest=request.manifest, models=request.models, max_error_fraction=request.max_error_fraction)
+    summary.run_record = record.url
+    record.start()
+    status, reason, markers = runlog.FAILED, "stopped before its end", []
+    try:
+        _score_passes(request, units, models, gpus, run_id, started_at, summary)
+        markers = runlog.write_markers(request.output, request.run_date, run_id, summary.by_category, models.versions,
+                                       summary.files_by_category, [u.category for u in units if u.category])
+        status, reason = runlog.SUCCEEDED, None
+        if summary.over_error_threshold:
+            status = runlog.PARTIAL
+            reason = (f"{summary.errors} of {summary.rows_written} rows are errors ({summary.error_fraction:.1%}), "
+                      f"above {request.spelt('max_error_fraction')} {request.max_error_fraction:g}")
+    except BaseException as exc:
+        reason = storage.redact(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        summary.status = status
+        try:
+            record.finish(status, by_category=summary.by_category, model_versions=models.versions,
+                          files=summary.files_written, late=summary.late, markers=markers, reason=reason)
+        except Exception:
+            if status != runlog.FAILED:
+                raise  # the work is done, but a record left "running" would say otherwise: fail loudly
+            log.exception("could not write the run record %s", storage.redact(record.url))  # keep the run's own error
+    return summary
+
+
+def _score_passes(request: ScoreRequest, units: list, models: ModelIndex, gpus: float, run_id: str,
+                  started_at: datetime, summary: ScoreSummary) -> None:
+    """The main pass, then the second pass over objects modified after ``started_at``; counts go to ``summary``."""
     late = LateArrivals.remote()
     try:
         context = ListingContext(request.output, request.run_date, run_id, models.versions, started_at,
@@ -189,7 +248,6 @@ def run_scoring(request: ScoreRequest, started_at: datetime | None = None) -> Sc
                     len(late_rows), started_at.isoformat(), ", ".join(summary.late_examples))
         late_dataset = ray.data.from_arrow(pa.Table.from_pylist(late_rows, schema=LISTING_SCHEMA))
         summary.add_written(_score_and_write(late_dataset, request, models, gpus, run_id))
-    return summary
 
 
 def _score_and_write(dataset: ray.data.Dataset, request: ScoreRequest, models: ModelIndex, gpus: float,
