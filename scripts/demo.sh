@@ -64,6 +64,9 @@ show $UFLOW run-job jobs/demo-nightly.yaml --run-date "$RUN_DATE"
 step "Running it again: nothing left to score"
 show $UFLOW run-job jobs/demo-nightly.yaml --run-date "$RUN_DATE"
 
+step "The run log: one record per run, beside the data (<output>/_runs/)"
+show $UFLOW runs --scores "$BUCKET/scores" --run-date "$RUN_DATE"
+
 step "What an analyst asks the next morning (DuckDB straight on s3://)"
 show $UFLOW query defect_rate_per_night --scores "$BUCKET/scores"
 show $UFLOW query top_anomalous --scores "$BUCKET/scores" --limit 8

@@ -136,6 +136,31 @@ def test_a_night_with_more_errors_than_its_threshold_exits_3_with_one_line_and_b
     (record,) = [json.loads(p.read_text()) for p in (output / "_runs").glob("run_date=*/*.json")]
     assert record["status"] == "partial" and record["errors"] == errors
     assert Path(old).exists(), "no retention after a night that did not succeed"
+    assert "partial" in uflow("runs", "--scores", str(output)).stdout
+
+
+def test_runs_lists_the_run_log_with_a_run_still_running(tmp_path):
+    from datetime import datetime, timezone
+
+    from uflow_batch.pipelines import runlog
+
+    output = str(tmp_path / "scores")
+    assert "no run records" in uflow("runs", "--scores", output).stdout
+    for run_id, run_date in (("finished01", "2026-11-21"), ("running02", "2026-11-22")):
+        log = runlog.RunLog(output, run_date, run_id, datetime.now(timezone.utc), inputs=["a"], manifest=None,
+                            models="m", max_error_fraction=0.1)
+        log.start()
+        if run_id == "finished01":
+            log.finish(runlog.PARTIAL, by_category={"fabric": {"ok": 3, "decode_error": 1}}, model_versions={}, files=1,
+                       late={}, markers=[], reason="1 of 4 rows are errors")
+    listed = uflow("runs", "--scores", output)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    header, _, first, second = listed.stdout.splitlines()
+    assert header.split()[:3] == ["run", "date", "run"]
+    assert first.split()[:3] == ["2026-11-21", "finished01", "partial"] and "0.250" in first
+    assert second.split()[:3] == ["2026-11-22", "running02", "running"]
+    only = uflow("runs", "--scores", output, "--run-date", "2026-11-22")
+    assert len(only.stdout.splitlines()) == 3 and "running02" in only.stdout
 
 
 def _empty_rows():

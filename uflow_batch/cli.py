@@ -507,6 +507,25 @@ def query(name, scores, limit, output_format) -> None:
             click.echo(f"... {table.num_rows - limit} more rows")
 
 
+RUN_COLUMNS = [("run_id", "run"), ("status", "status"), ("started_at", "started"), ("ended_at", "ended"),
+               ("rows", "rows"), ("errors", "errors"), ("error_fraction", "error fraction"), ("reason", "reason")]
+
+
+@main.command("runs")
+@click.option("--scores", required=True, help="Root of the scores dataset (a scoring run's --output).")
+@click.option("--run-date", "run_dates", multiple=True, help="Only these run dates, YYYY-MM-DD (repeatable; default: all).")
+def runs(scores, run_dates) -> None:
+    """List the scoring runs from the run log (<scores>/_runs/): status, counts, errors, oldest first."""
+    from .pipelines import runlog
+
+    rows = [{**record, **{key: "-" if record.get(key) is None else record[key] for key, _ in RUN_COLUMNS}}
+            for run_date in (run_dates or runlog.run_dates(scores)) for record in runlog.run_records(scores, validate_run_date(run_date))]
+    if not rows:
+        click.echo(f"no run records under {scores}")
+        return
+    click.echo(format_table(rows, RUN_COLUMNS, first=("run_date", "run date")))
+
+
 @main.command("export")
 @click.option("--model", "model_dir", required=True, help="Local model directory (model.safetensors + manifest.json).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True,

@@ -70,6 +70,14 @@ def run_records(output: str, run_date: str) -> list[dict[str, Any]]:
     return [read_json(e.url) for e in entries if e.is_file and e.name.endswith(".json")]
 
 
+def run_dates(output: str) -> list[str]:
+    """The run dates that have run records, oldest first."""
+    _, run_date_key = PARTITION_COLUMNS
+    prefix = f"{run_date_key}="
+    entries = storage.list_entries(storage.join(output, RUNS_DIR), missing_ok=True)
+    return sorted(e.name[len(prefix):] for e in entries if e.is_dir and e.name.startswith(prefix))
+
+
 def error_counts(by_category: Mapping[str, Mapping[str, int]]) -> tuple[int, int]:
     """(rows, errored rows) over the outcome counts of each category."""
     rows = sum(sum(counts.values()) for counts in by_category.values())
