@@ -1,9 +1,19 @@
 """FastFlow, CFlow-AD, CS-Flow and DifferNet: invertible, with exact log-determinants, and latents shaped like their features."""
 
+import json
+import logging
+from dataclasses import replace
+
 import pytest
 import torch
 
+from conftest import TINY_DETECTOR
+from uflow_batch.checkpoint import MANIFEST_FILE, load_detector, save_detector
 from uflow_batch.config import ConfigError, FlowConfig
+from uflow_batch.model import UFlowDetector
+from uflow_batch.model.anomaly import anomaly_map
+from uflow_batch.model.scan_nfa import cell_energy
+from uflow_batch.model.views import VIEWS
 from uflow_batch.model.cflow import CONDITION_DIMS, CFlow, positional_encoding
 from uflow_batch.model.csflow import CSFlow
 from uflow_batch.model.differnet import DifferNet
@@ -77,6 +87,87 @@ def test_differnet_sees_one_pooled_vector_per_image_and_gives_no_mask():
     features = [torch.randn(2, *s) for s in TINY]
     shuffled = [f.flip(-1).flip(-2) for f in features]
     torch.testing.assert_close(flow(features)[0][0], flow(shuffled)[0][0], msg="where a feature is does not matter")
+
+
+@pytest.fixture(scope="module")
+def differnet_detector() -> UFlowDetector:
+    """A DifferNet detector on the tiny backbone, its flow moved off the identity."""
+    torch.manual_seed(5)
+    detector = UFlowDetector(replace(TINY_DETECTOR, kind="differnet")).eval()
+    randomized(detector.flow, scale=0.05)
+    return detector
+
+
+def single_view_latent(detector: UFlowDetector, images: torch.Tensor) -> torch.Tensor:
+    """The flow's latent of the images as they are, without views."""
+    with torch.inference_mode():
+        return detector.flow(detector.extractor(detector.normalize(images)))[0][0]
+
+
+def symmetric_images(count: int, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 images equal to their own horizontal and vertical flips (so to their 180-degree rotation too)."""
+    quarter = torch.randint(0, 256, (count, 3, size[0] // 2, size[1] // 2), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(6))
+    top = torch.cat([quarter, quarter.flip(-1)], dim=-1)
+    return torch.cat([top, top.flip(-2)], dim=-2)
+
+
+def test_only_differnet_scores_test_time_views_and_declares_their_latent():
+    assert DifferNet.test_views == 4
+    assert UFlow.test_views == FastFlow.test_views == CFlow.test_views == CSFlow.test_views == 1
+    detector = UFlowDetector(replace(TINY_DETECTOR, kind="differnet"))
+    (dims, _, _), = detector.flow.latent_shapes
+    assert detector.latent_shapes == [(4 * dims, 1, 1)] == detector.nfa.latent_shapes
+
+
+def test_views_of_an_image_symmetric_under_them_give_its_single_view_latent(differnet_detector):
+    images = symmetric_images(2, differnet_detector.input_size)
+    assert all(torch.equal(view(images), images) for view in VIEWS)
+    with torch.inference_mode():
+        (combined,), _ = differnet_detector.latents(differnet_detector.features(images))
+    single = single_view_latent(differnet_detector, images)
+    for part in combined.chunk(4, dim=1):
+        torch.testing.assert_close(part, single)
+    torch.testing.assert_close(anomaly_map([combined], (8, 8)), anomaly_map([single], (8, 8)))
+
+
+def test_the_combined_latents_energy_is_the_views_energies_summed(differnet_detector):
+    """sum z^2 of the combined latent = 4 x the mean of the views' energies (the paper's average); log-dets add up."""
+    images = torch.randint(0, 256, (3, 3, *differnet_detector.input_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        (combined,), log_det = differnet_detector.latents(differnet_detector.features(images))
+        per_view = [differnet_detector.flow(differnet_detector.extractor(differnet_detector.normalize(view(images))))
+                    for view in VIEWS]
+    energies = torch.stack([cell_energy(latents[0]) for latents, _ in per_view])  # (V, B, 1, 1)
+    assert energies.std(dim=0).max() > 1e-3, "the views are different images"
+    torch.testing.assert_close(cell_energy(combined), 4 * energies.mean(dim=0))
+    torch.testing.assert_close(log_det, torch.stack([d for _, d in per_view]).sum(dim=0))
+    dims = differnet_detector.flow.latent_shapes[0][0]
+    expected_map = 1 - torch.exp(-0.5 * energies.mean(dim=0).float() / dims)  # the anomaly map of the averaged views
+    torch.testing.assert_close(anomaly_map([combined], (1, 1)), expected_map)
+
+
+def test_a_checkpoint_keeps_the_views_and_refuses_a_calibration_of_single_views(differnet_detector, tmp_path, caplog):
+    images = torch.randint(0, 256, (12, 3, *differnet_detector.input_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(8))
+    detector = UFlowDetector(differnet_detector.config, extractor=differnet_detector.extractor).eval()
+    detector.flow.load_state_dict(differnet_detector.flow.state_dict())
+    detector.nfa.calibration = detector.calibrate(detector.features(images), batch_size=4)
+    save_detector(detector, tmp_path / "model")
+    manifest = json.loads((tmp_path / "model" / MANIFEST_FILE).read_text())
+    assert [tuple(s) for s in manifest["latent_shapes"]] == detector.latent_shapes
+    loaded = load_detector(tmp_path / "model")
+    assert loaded.views == 4 and loaded.nfa.calibration == detector.nfa.calibration
+    first, again = detector.score_maps(images[:2]), loaded.score_maps(images[:2])
+    assert torch.equal(first.significance, again.significance) and torch.equal(first.anomaly, again.anomaly)
+
+    # A DifferNet saved before the views: calibrated on one view's latents, it loads uncalibrated.
+    manifest["latent_shapes"] = [list(s) for s in detector.flow.latent_shapes]
+    (tmp_path / "model" / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="uflow_batch.checkpoint"):
+        old = load_detector(tmp_path / "model")
+    assert old.nfa.calibration != detector.nfa.calibration and "uflow-batch calibrate" in caplog.text
 
 
 def test_only_the_flows_of_all_scales_jointly_make_their_scales_independent():

@@ -46,7 +46,7 @@ def save_detector(detector: UFlowDetector, directory: str | Path, category: str 
         config=detector.config,
         backbone_sha256=detector.backbone_checksum(),
         feature_shapes=tuple(tuple(s) for s in detector.flow.feature_shapes),
-        latent_shapes=tuple(tuple(s) for s in detector.flow.latent_shapes),
+        latent_shapes=tuple(tuple(s) for s in detector.latent_shapes),  # what the verdict was calibrated on
         normalization=Normalization(tuple(detector.mean.flatten().tolist()), tuple(detector.std.flatten().tolist())),
         calibration=detector.nfa.calibration,
         category=category,
@@ -71,7 +71,7 @@ def load_detector(directory: str | Path, device: str | torch.device = "cpu",
     directory = Path(directory)
     manifest = _with_test_of_its_time(read_manifest(directory), directory)
     detector = UFlowDetector(manifest.config, extractor=extractor)
-    if manifest.calibration is not None:
+    if manifest.calibration is not None and _calibrated_for(manifest, detector, directory):
         detector.nfa.calibration = manifest.calibration
     checksum = detector.backbone_checksum()
     if checksum != manifest.backbone_sha256:
@@ -110,3 +110,19 @@ def _with_test_of_its_time(manifest: ModelManifest, directory: Path) -> ModelMan
         block = replace(manifest.config, nfa=replace(manifest.config.nfa, test="block"))
         return replace(manifest, config=block, calibration=None)
     return manifest
+
+
+def _calibrated_for(manifest: ModelManifest, detector: UFlowDetector, directory: Path) -> bool:
+    """Whether the manifest's calibration was fitted on latents of the shapes this detector gives.
+
+    A DifferNet saved before it scored test-time views was calibrated on
+    one view's latents; this version combines four (``test_views``), whose
+    energies follow another law. Its flow is still valid, so it scores with
+    the uncalibrated test until ``uflow-batch calibrate`` refits it on the
+    held-out views.
+    """
+    if [tuple(s) for s in manifest.latent_shapes] == detector.latent_shapes:
+        return True
+    log.warning("%s: calibrated on latents of shapes %s, this version gives %s; scoring uncalibrated until "
+                "`uflow-batch calibrate` refits it", directory, list(manifest.latent_shapes), detector.latent_shapes)
+    return False

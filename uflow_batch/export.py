@@ -15,6 +15,12 @@ Graph signature (batch dimension dynamic, everything float32)::
     -> anomaly (B, H, W)       in [0, 1], as ``UFlowDetector.score_maps`` gives it
        latent_0 ... latent_L   (B, C_l, H_l, W_l), finest first, as ``UFlowDetector.latents``
 
+A kind with test-time views (DifferNet, :mod:`uflow_batch.model.views`)
+has them inside the graph: the flips, the backbone and flow on every view
+and the combination into one latent per image, so the latents are those of
+``UFlowDetector.latents`` (channels times the views) and the verdict needs
+nothing more.
+
 Normalization stays outside the graph so that a caller that already holds
 normalized tensors (or decodes on a GPU) does not pay it twice; the mean,
 std, input size and latent shapes are written into the ONNX file's metadata.
@@ -43,6 +49,7 @@ from torch import nn
 from . import __version__
 from .model import UFlowDetector
 from .model.anomaly import anomaly_map
+from .model.views import view_features, view_latents
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17  # LayerNormalization is an ONNX op from 17 on; ONNX Runtime >= 1.14 runs it
@@ -71,19 +78,20 @@ class ScoringGraph(nn.Module):
     """The exported part of a detector: normalized images -> (anomaly map, latent_0, ..., latent_L).
 
     The same modules and the same functions as :meth:`UFlowDetector.score_maps`
-    (``extractor``, ``flow``, :func:`~uflow_batch.model.anomaly.anomaly_map`), not
-    a re-implementation, so the torch side of a parity check is the
-    production code itself.
+    (``extractor``, ``flow``, the views of :mod:`~uflow_batch.model.views`,
+    :func:`~uflow_batch.model.anomaly.anomaly_map`), not a re-implementation,
+    so the torch side of a parity check is the production code itself.
     """
 
     def __init__(self, detector: UFlowDetector) -> None:
         super().__init__()
         self.extractor = detector.extractor
         self.flow = detector.flow
+        self.views = detector.views
         self.input_size = tuple(detector.input_size)
 
     def forward(self, normalized: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        latents, _ = self.flow(self.extractor(normalized))
+        latents, _ = view_latents(self.flow, view_features(self.extractor, normalized, self.views), self.views)
         return (anomaly_map(latents, self.input_size), *latents)
 
 
@@ -128,7 +136,7 @@ def export_detector(detector: UFlowDetector, path: str | Path, fmt: str = "onnx"
     start = time.perf_counter()
     graph = ScoringGraph(detector.eval()).eval()
     example = example_input(detector)
-    n_latents = len(detector.flow.latent_shapes)
+    n_latents = len(detector.latent_shapes)
     with torch.inference_mode(False), torch.no_grad(), _quiet_tracer():
         if fmt == "onnx":
             _export_onnx(graph, example, path, n_latents, opset)
@@ -244,7 +252,7 @@ def _finish_onnx(path: Path, detector: UFlowDetector) -> None:
     import onnx
 
     model = onnx.load(str(path))
-    shapes = [tuple(detector.input_size), *[tuple(s) for s in detector.flow.latent_shapes]]
+    shapes = [tuple(detector.input_size), *[tuple(s) for s in detector.latent_shapes]]
     for output, shape in zip(model.graph.output, shapes):
         dims = output.type.tensor_type.shape.dim
         del dims[:]
@@ -260,7 +268,8 @@ def _finish_onnx(path: Path, detector: UFlowDetector) -> None:
         "input_size": json.dumps(list(detector.input_size)),
         "mean": json.dumps(detector.mean.flatten().tolist()),
         "std": json.dumps(detector.std.flatten().tolist()),
-        "latent_shapes": json.dumps([list(s) for s in detector.flow.latent_shapes]),
+        "latent_shapes": json.dumps([list(s) for s in detector.latent_shapes]),
+        "test_views": str(detector.views),
         "input": f"{INPUT_NAME}: float32 (B, 3, H, W) = (uint8 images / 255 - mean) / std",
         "outputs": f"{ANOMALY_NAME}: (B, H, W) in [0, 1]; latent_l: (B, C_l, H_l, W_l), finest first",
     }

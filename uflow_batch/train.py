@@ -1,10 +1,15 @@
 """Fit one category's detector on its normal training images.
 
-The backbone is frozen and there is no augmentation, so each image's features
-are computed once and the flow is trained on that cache: on a CPU this is
-most of the training time saved. A validation split carved out of
+The backbone is frozen and there is no random augmentation, so each image's
+features are computed once and the flow is trained on that cache: on a CPU
+this is most of the training time saved. A validation split carved out of
 ``train/good`` (never from ``test``) drives early stopping and model
 selection, and gives the held-out normal scores behind the "fair" threshold.
+
+A kind with test-time views (DifferNet) caches every view's features
+(``UFlowDetector.features``): it trains on all of them, the paper's
+augmentation with a fixed set of transformations, and its verdict is
+calibrated on the held-out images' views, as scoring will see them.
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ def fit_flow(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, config))
     generator = torch.Generator().manual_seed(config.seed)
     n = len(train_features[0])
-    latent_dims = sum(c * h * w for c, h, w in flow.latent_shapes)
+    latent_dims = sum(c * h * w for c, h, w in detector.latent_shapes)  # every view's values: the loss sums them
     best_state, since_best = None, 0
     report.initial_val_loss = _mean_loss(detector, val_features, config.batch_size)
     for epoch in range(config.max_epochs):

@@ -171,6 +171,7 @@ class CSFlow(nn.Module):
 
     scales_independent = True  # one invertible map of all scales jointly: their latents are jointly N(0, I)
     localizes = True  # latents keep positions, so masks can be cut
+    test_views = 1  # each image scored as it is
 
     def __init__(self, feature_shapes: Sequence[Shape], config: FlowConfig) -> None:
         super().__init__()

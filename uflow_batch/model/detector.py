@@ -1,5 +1,12 @@
 """The detector: frozen features, a flow (U-Flow or another kind, :mod:`.registry`) and the NFA as one module.
 
+A kind that scores test-time views (``test_views`` > 1, DifferNet) gets them
+here, where images become features (:mod:`.views`): :meth:`features` runs the
+backbone on every view and :meth:`latents` combines the views' latents into
+one latent per image, of the shapes :attr:`latent_shapes` declares. Training,
+the held-out calibration, evaluation and scoring all go through these two
+methods, so the test is fitted on latents made exactly as the ones it judges.
+
 Torch only: saving and loading a detector is :mod:`uflow_batch.checkpoint`'s,
 its training loss :mod:`.loss`.
 """
@@ -18,6 +25,7 @@ from .calibration import Calibration
 from .nfa import BlockNFA
 from .registry import build_flow
 from .scan_nfa import ScanNFA
+from .views import check_views, view_features, view_latent_shapes, view_latents
 
 @dataclass
 class ScoreMaps:
@@ -52,7 +60,8 @@ class UFlowDetector(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.flow = build_flow(config.kind, self.extractor.feature_shapes(config.backbone.input_size), config.flow)
-        self.nfa = build_nfa(self.flow.latent_shapes, config.nfa, scales_independent=self.flow.scales_independent)
+        self.views = check_views(self.flow.test_views)
+        self.nfa = build_nfa(self.latent_shapes, config.nfa, scales_independent=self.flow.scales_independent)
 
     def use_nfa(self, config: NFAConfig, calibration: Calibration | None = None) -> None:
         """Test with other NFA settings: they act only on the latents, so no retraining is needed.
@@ -62,17 +71,26 @@ class UFlowDetector(nn.Module):
         """
         if calibration is None and config.test == self.config.nfa.test:
             calibration = self.nfa.calibration
-        self.nfa = build_nfa(self.flow.latent_shapes, config, calibration, self.flow.scales_independent).to(self.device)
+        self.nfa = build_nfa(self.latent_shapes, config, calibration, self.flow.scales_independent).to(self.device)
         self.config = replace(self.config, nfa=config)
 
     @torch.inference_mode()
     def calibrate(self, features: list[torch.Tensor], batch_size: int) -> Calibration:
-        """Fit and measure the test's background on held-out *normal* features (never test images)."""
+        """Fit and measure the test's background on held-out *normal* features (never test images).
+
+        ``features`` are :meth:`features` of the held-out images, every view
+        included, so the background is that of the latents scoring gives.
+        """
         batches = [
             self.latents([f[start : start + batch_size] for f in features])[0]
             for start in range(0, len(features[0]), batch_size)
         ]
         return self.nfa.calibrate(batches)
+
+    @property
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """(C, H, W) of each latent :meth:`latents` gives, finest first: the flow's, with channels times the views."""
+        return view_latent_shapes(self.flow.latent_shapes, self.views)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -92,10 +110,12 @@ class UFlowDetector(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.extractor(self.normalize(images))
+        """Backbone features per scale, (B, C, H, W), or (B, V, C, H, W) for a flow with V test views."""
+        return view_features(self.extractor, self.normalize(images), self.views)
 
     def latents(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return self.flow(features)
+        """One latent per image and scale (the views' combined) and log|det J| per image (summed over views)."""
+        return view_latents(self.flow, features, self.views)
 
     def score_maps(self, images: torch.Tensor) -> ScoreMaps:
         """Anomaly and -log10 NFA maps for uint8 images already at input size."""

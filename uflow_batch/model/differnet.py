@@ -10,9 +10,18 @@ threshold on ||z||^2: one test per image, no number of positions.
 DifferNet sees no positions, so it gives **no defect mask**: a flagged image
 has an empty mask and no regions (``localizes = False``), and its anomaly map
 is constant. The paper derives masks from gradients of the likelihood with
-respect to the input; that is not offered here. The paper also averages the
-score over rotated and flipped copies of the image at test time; here each
-image is scored once.
+respect to the input; that is not offered here.
+
+Like the paper, an image is scored as several transformed copies of itself
+(``test_views = 4``: identity, horizontal and vertical flips, 180-degree
+rotation; :mod:`.views` says why these and not 90-degree rotations): the
+detector runs the backbone and this flow on each view and concatenates the
+views' latents into one (4 D, 1, 1) latent, whose energy is 4 times the
+mean of the views' energies, the paper's averaged score. Training sees the
+same views (the paper's augmentation), and so does the held-out
+calibration, since both take their features from the detector. The
+exported graph includes the views, so ONNX Runtime gives the same latents.
+The price is four backbone passes per image, in training and in scoring.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ class DifferNet(nn.Module):
 
     scales_independent = True  # one latent grid of one cell: nothing to combine
     localizes = False
+    test_views = 4  # the paper's test-time transformations (and training augmentation), :mod:`.views`
 
     def __init__(self, feature_shapes: Sequence[Shape], config: FlowConfig) -> None:
         super().__init__()

@@ -3,8 +3,9 @@
 Every kind takes backbone features (finest first) and returns latents that
 are N(0, I) on normal images, finest first, and log|det J| per image; it says
 whether its scales' latents are jointly independent (``scales_independent``,
-which the verdict needs) and whether its latents have positions to cut a
-mask from (``localizes``).
+which the verdict needs), whether its latents have positions to cut a
+mask from (``localizes``), and how many test-time views of each image it
+scores (``test_views``, :mod:`.views`; 1 but for DifferNet).
 """
 
 from __future__ import annotations
