@@ -285,21 +285,24 @@ def test_apply_retention_deletes_only_expired_run_date_partitions(root_url):
         "category=tile_exp2/notes.txt",
         "_checkpoints/2026-01-01/state.json",  # not a category partition
         "run_date=2020-01-01/stray.parquet",  # not under a category
+        "_runs/run_date=2026-11-22/20261122T020000Z-def.json",
     }
     expired = {
         "category=tile_exp1/run_date=2026-08-01/part-0.parquet",
         "category=tile_exp1/run_date=2026-08-01/part-1.parquet",
         "category=tile_exp2/run_date=2025-12-31/sub/part-0.parquet",
+        "_runs/run_date=2026-08-01/20260801T020000Z-abc.json",  # the run log of a deleted night goes with it
     }
     for relative in sorted(kept | expired):
         _put(root_url, relative)
 
     deleted = apply_retention(root_url, date(2026, 11, 23), 90)
 
-    assert sorted(deleted) == [
+    assert sorted(deleted) == sorted([
         storage.join(root_url, "category=tile_exp1/run_date=2026-08-01"),
         storage.join(root_url, "category=tile_exp2/run_date=2025-12-31"),
-    ]
+        storage.join(root_url, "_runs/run_date=2026-08-01"),
+    ])
     assert _all_files(root_url) == kept
     # A second pass finds nothing, even where the store still lists the emptied prefixes.
     assert apply_retention(root_url, date(2026, 11, 23), 90) == []

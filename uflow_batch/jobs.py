@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import yaml
 
 from uflow_batch import storage
-from uflow_batch.pipelines.schema import PARTITION_COLUMNS
+from uflow_batch.pipelines.schema import PARTITION_COLUMNS, RUNS_DIR
 from uflow_batch.config import (
     ConfigError,
     ScoreRequest,
@@ -340,18 +340,20 @@ def apply_retention(output_url: str, today: date, retention_days: int | None, *,
 
     Call it only after a successful run, so a failing night never shrinks the
     history. Only directories named ``category=...`` and ``run_date=<date>``
-    are touched; anything else under the output (checkpoints, notes) stays.
-    Partitions that hold no objects are skipped. With ``dry_run`` nothing is
-    deleted and the would-be deletions are returned.
+    are touched, and the run log of those dates (``_runs/run_date=<expired>/``,
+    whose records describe the deleted rows); anything else under the output
+    (checkpoints, notes) stays. Partitions that hold no objects are skipped.
+    With ``dry_run`` nothing is deleted and the would-be deletions are returned.
     """
     if retention_days is None or not storage.exists(output_url):
         return []
     deleted: list[str] = []
-    for category_dir in sorted(_partition_values(storage.list_dirs(output_url), CATEGORY_PARTITION).values()):
-        category_url = storage.join(output_url, category_dir)
-        run_dirs = _partition_values(storage.list_dirs(category_url), RUN_DATE_PARTITION)
+    top = storage.list_dirs(output_url)
+    parents = sorted(_partition_values(top, CATEGORY_PARTITION).values()) + ([RUNS_DIR] if RUNS_DIR in top else [])
+    for parent_url in (storage.join(output_url, name) for name in parents):
+        run_dirs = _partition_values(storage.list_dirs(parent_url), RUN_DATE_PARTITION)
         for run_date in expired_run_dates(list(run_dirs), today, retention_days):
-            url = storage.join(category_url, run_dirs[run_date])
+            url = storage.join(parent_url, run_dirs[run_date])
             # Some S3-compatible stores (SeaweedFS) keep listing a prefix as a
             # folder after its last object is gone: such an empty partition has
             # nothing to delete and is not reported again every night.

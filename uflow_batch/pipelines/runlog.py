@@ -32,11 +32,10 @@ from typing import Any
 
 from .. import storage
 from . import commit
-from .schema import PARTITION_COLUMNS
+from .schema import PARTITION_COLUMNS, RUNS_DIR
 
 log = logging.getLogger(__name__)
 
-RUNS_DIR = "_runs"
 MARKER_NAME = "_SUCCESS.json"
 RECORD_FORMAT = 1  # bumped when a key changes meaning; new keys may be added in any version
 OK = "ok"  # the outcome of a row without an error (PartSink counts outcomes this way)

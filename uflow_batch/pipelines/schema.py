@@ -23,6 +23,8 @@ REGION_TYPE = pa.struct([
 ])
 
 PARTITION_COLUMNS = ("category", "run_date")
+# Beside the partitions, not data: the run log, <output>/_runs/run_date=<d>/ (pipelines/runlog.py).
+RUNS_DIR = "_runs"
 
 # Error codes in the ``error`` column; ``error_message`` says the specifics.
 ERROR_CODES = {
