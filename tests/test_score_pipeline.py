@@ -112,6 +112,14 @@ def test_a_run_leaves_one_run_record_and_marks_the_partitions_it_completed(ray_l
     assert marker["run_id"] == summary.run_id, "a run with nothing left to write keeps the marker of the run that did"
 
 
+def test_an_empty_night_still_leaves_its_run_record(tmp_path):
+    (tmp_path / "archive").mkdir()
+    output = str(tmp_path / "scores")
+    summary = run_scoring(request(str(tmp_path / "archive"), str(tmp_path / "models"), output))
+    (record,) = runlog.run_records(output, RUN_DATE)
+    assert (record["run_id"], record["status"], record["rows"], record["counts"]) == (summary.run_id, "succeeded", 0, {})
+
+
 def test_new_objects_and_a_new_model_version_are_scored_on_the_next_run(ray_local, model_store, tmp_path):
     archive = write_scoring_archive(str(tmp_path / "archive"), TINY_SYNTHETIC, n_per_category=2, include_bad_files=False)
     output = str(tmp_path / "scores")

@@ -184,7 +184,12 @@ def run_scoring(request: ScoreRequest, started_at: datetime | None = None) -> Sc
     units = plan_request_units(request)
     summary = ScoreSummary(units=len(units), max_error_fraction=request.max_error_fraction)
     if not units:
+        # An empty night is a night too: its record tells "no images" from "no run".
         log.warning("nothing to score under %s", ", ".join(request.inputs) or request.manifest)
+        summary.run_id, summary.status = commit.new_run_id(), runlog.SUCCEEDED
+        record = _run_log(request, summary.run_id, started_at)
+        summary.run_record = record.url
+        record.finish(runlog.SUCCEEDED, by_category={}, model_versions={}, files=0, late={}, markers=[])
         return summary
     models = resolve_models(request.models, categories_in(units, request.models))
     summary.model_versions = models.versions
@@ -200,8 +205,7 @@ def run_scoring(request: ScoreRequest, started_at: datetime | None = None) -> Sc
         # Every image would become a no_model row: a mistyped --models, not a night's result.
         raise ConfigError(f"the model store {storage.redact(request.models)} holds no model; is --models right?")
     run_id = summary.run_id = commit.new_run_id()
-    record = runlog.RunLog(request.output, request.run_date, run_id, started_at, inputs=request.inputs,
-                           manifest=request.manifest, models=request.models, max_error_fraction=request.max_error_fraction)
+    record = _run_log(request, run_id, started_at)
     summary.run_record = record.url
     record.start()
     status, reason, markers = runlog.FAILED, "stopped before its end", []
@@ -227,6 +231,11 @@ def run_scoring(request: ScoreRequest, started_at: datetime | None = None) -> Sc
                 raise  # the work is done, but a record left "running" would say otherwise: fail loudly
             log.exception("could not write the run record %s", storage.redact(record.url))  # keep the run's own error
     return summary
+
+
+def _run_log(request: ScoreRequest, run_id: str, started_at: datetime) -> runlog.RunLog:
+    return runlog.RunLog(request.output, request.run_date, run_id, started_at, inputs=request.inputs,
+                         manifest=request.manifest, models=request.models, max_error_fraction=request.max_error_fraction)
 
 
 def _score_passes(request: ScoreRequest, units: list, models: ModelIndex, gpus: float, run_id: str,
