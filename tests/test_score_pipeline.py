@@ -112,6 +112,24 @@ def test_a_run_leaves_one_run_record_and_marks_the_partitions_it_completed(ray_l
     assert marker["run_id"] == summary.run_id, "a run with nothing left to write keeps the marker of the run that did"
 
 
+def test_a_run_that_fails_says_so_in_its_record_and_marks_nothing(ray_local, model_store, tmp_path, monkeypatch):
+    from uflow_batch.pipelines import score
+
+    archive = write_scoring_archive(str(tmp_path / "archive"), TINY_SYNTHETIC, n_per_category=1, include_bad_files=False)
+    output = str(tmp_path / "scores")
+
+    def storage_gone(*args, **kwargs):
+        raise RuntimeError("storage gone mid-run")
+
+    monkeypatch.setattr(score, "_score_passes", storage_gone)
+    with pytest.raises(RuntimeError, match="storage gone"):
+        run_scoring(request(archive.root, model_store, output))
+    (record,) = runlog.run_records(output, RUN_DATE)
+    assert record["status"] == runlog.FAILED and "RuntimeError: storage gone mid-run" in record["reason"]
+    assert record["ended_at"] and record["completed_partitions"] == []
+    assert not list(Path(output).glob(f"category=*/run_date=*/{runlog.MARKER_NAME}"))
+
+
 def test_an_empty_night_still_leaves_its_run_record(tmp_path):
     (tmp_path / "archive").mkdir()
     output = str(tmp_path / "scores")
