@@ -24,11 +24,11 @@ def test_a_diverging_category_is_retried_with_half_the_learning_rate(synthetic_r
     rates = []
     real = train_all_module.train_category
 
-    def diverges_once(data_url, category, out_dir, detector_config, train_config):
+    def diverges_once(data_url, category, out_dir, detector_config, train_config, on_epoch=None):
         rates.append(train_config.learning_rate)
         if len(rates) == 1:
             raise TrainingDiverged(f"{category}: training loss became nan at epoch 1, step 1")
-        return real(data_url, category, out_dir, detector_config, train_config)
+        return real(data_url, category, out_dir, detector_config, train_config, on_epoch=on_epoch)
 
     monkeypatch.setattr(train_all_module, "train_category", diverges_once)
     outcome = train_and_publish(str(synthetic_root), "fabric", str(tmp_path / "models"), TINY_DETECTOR,
