@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/mtd}
 OUT=${2:-out/kinds}
 shift $(( $# > 2 ? 2 : $# ))
-KINDS=("${@:-uflow fastflow cflow differnet}")
+KINDS=("${@:-uflow fastflow cflow csflow differnet}")
 read -r -a KINDS <<< "${KINDS[*]}"
 UFLOW=.venv/bin/uflow-batch
 models=()
