@@ -52,7 +52,7 @@ from unittest import mock
 
 import timm
 import torch
-from core_throughput import DEFAULT_DATA, Batch, load_batches, prepare
+from core_throughput import DEFAULT_DATA, Batch, load_batches, prepare, synchronize
 
 from uflow_batch.config import TrainConfig
 from uflow_batch.model import UFlowDetector
@@ -109,12 +109,10 @@ def normalized_for_lite0(images: torch.Tensor) -> torch.Tensor:
 def cpu_seconds(fn: Callable[[], object], device: torch.device) -> float:
     """CPU time of this process for ``fn`` (wall time on CUDA, where the CPU mostly waits)."""
     clock = time.perf_counter if device.type == "cuda" else time.process_time
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = clock()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return clock() - start
 
 
