@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import mpmath
 import numpy as np
@@ -12,10 +13,12 @@ from scipy import stats
 from uflow_batch.config import NFAConfig
 from uflow_batch.model.calibration import (
     Calibration,
+    ImageTail,
     correction,
     detections,
     false_alarms,
     fit_scaled_chi2,
+    fit_image_tail,
     fit_tail,
     log10_chi2_sf,
     tolerated_images,
@@ -270,3 +273,46 @@ def test_scales_that_are_not_jointly_independent_are_combined_by_their_minimum_a
 def test_an_image_without_evidence_reports_its_nfa_at_the_ceiling():
     quiet = [torch.zeros(1, *shape, dtype=torch.float64) for shape in SHAPES]  # every z = 0: nothing unusual anywhere
     assert ScanNFA(SHAPES, NFAConfig())(quiet).min_log10_nfa.item() == pytest.approx(math.log10(NFA_CEILING))
+
+
+def test_the_image_tail_extrapolates_how_widely_whole_normal_images_spread():
+    rng = np.random.default_rng(7)
+    # Significances of normal images that spread 4x wider than a calibrated test's (10^-t): P(> t) = 0.5 e^-(t - 1) / 1.7.
+    def normal_images(n):
+        above = rng.random(n) < 0.5
+        return np.where(above, 1.0 + rng.exponential(1.7, size=n), rng.random(n))
+
+    spread = normal_images(4000)
+    tail = fit_image_tail(spread)
+    assert tail.start == pytest.approx(1.0, abs=0.1) and tail.mass == pytest.approx(0.5, abs=0.02)
+    assert tail.scale == pytest.approx(1.7, rel=0.1)
+    fresh = normal_images(200_000)
+    flagged = tail.log10_p(-torch.tensor(fresh)) < -2.0
+    assert flagged.double().mean().item() == pytest.approx(0.01, rel=0.2), "the verdict at 0.01 flags 1 % of such images"
+    assert (fresh > 2.0).mean() > 0.15, "their smallest NFA alone would flag a sixth of them"
+
+
+def test_the_image_tail_never_makes_the_test_bolder_than_a_calibrated_one():
+    calibrated = np.random.default_rng(8).exponential(1 / math.log(10), size=2000)  # P(significance > t) = 10^-t
+    assert fit_image_tail(calibrated).scale == pytest.approx(1 / math.log(10), rel=0.1)
+    assert fit_image_tail(0.1 * calibrated).scale == 1 / math.log(10), "a narrower spread than theory's is not trusted"
+    assert fit_image_tail([-2.0] * 13 + [1.0, 3.0]) is None, "two images above the ceiling are no tail"
+    test = ScanNFA(SHAPES, NFAConfig())
+    spot = noise(2, seed=9)
+    spot[0][1, :, 5, 5] = 9.0
+    plain = test(spot).min_log10_nfa
+    test.calibration = replace(test.calibration, image_tail=ImageTail(start=-1.0, mass=0.5, scale=3.0))
+    raised = test(spot).min_log10_nfa
+    assert plain[1] < -2.0 and raised[1] > plain[1], "an image the tail finds less surprising is less significant"
+    assert torch.equal(raised, torch.maximum(plain, test.calibration.image_tail.log10_p(plain)).clamp_max(2.0))
+
+
+def test_calibration_fits_the_image_tail_without_the_tolerated_image_and_records_its_effect():
+    test = ScanNFA(SHAPES, NFAConfig())
+    held_out = correlated_normals(30, seed=13)
+    held_out[0][0, :, 4, 4] = 12.0  # one atypical part
+    calibration = test.calibrate([[z[i : i + 10] for z in held_out] for i in range(0, 30, 10)])
+    significance = -test([z[1:] for z in held_out]).min_log10_nfa
+    assert calibration.image_tail is not None and calibration.image_tail.start < 2.0
+    assert calibration.false_alarms.images_flagged[0] <= 1 / 30 + 1e-9, "at 0.01 at most the tolerated image"
+    assert (significance > 2.0).sum() == 0

@@ -34,6 +34,19 @@ scaled chi-square s * chi2(k):
   verdict (epsilon = 0.01 by default) is, with 15 held-out images, one
   decade beyond what they can measure and relies on the fitted tail;
   evaluation on test/good checks it.
+- Last, the image level. The fits are per cell, pooled over the held-out
+  images, so they cannot see that normal images differ from one another as
+  wholes (lighting, texture, a station's drift): after the correction, an
+  image's significance (-log10 of its smallest NFA) still spreads far wider
+  over normal images than a calibrated one would, whose law is
+  P(significance > t) = 10^-t. So the upper half of the typical held-out
+  images' significances is fitted with an exponential tail (peaks over
+  their median; the shape that -log of a p-value has under any null, its
+  scale free but never lighter than the calibrated one), and an image's
+  smallest NFA is raised to that tail's probability where the tail is the
+  more cautious of the two (``ImageTail``). The verdict at a rate below
+  what the held-out images can measure (0.01 with 15) then extrapolates the
+  spread of whole normal images, not only that of their cells.
 
 What was measured after the correction is recorded (``FalseAlarms``) and
 travels in the model manifest.
@@ -63,6 +76,7 @@ MIN_TAIL = 20
 MIN_SAMPLES = 200
 TAIL_MASS = 0.01
 MIN_EXCEEDANCES = 100
+MIN_IMAGE_EXCEEDANCES = 3
 CORRECTION_EPSILONS = (0.01, 0.1, 1.0, 10.0, 100.0)
 REPORT_EPSILONS = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -134,6 +148,40 @@ class BackgroundFit:
 
 
 @dataclass(frozen=True)
+class ImageTail:
+    """P(significance > t) = ``mass`` * exp(-(t - ``start``) / ``scale``) over normal images (significance in log10 units).
+
+    ``start`` is the typical held-out images' median significance and
+    ``mass`` their share above it; ``scale`` is at least 1 / ln 10, the
+    calibrated law's, so the tail never makes the test bolder.
+    """
+
+    start: float
+    mass: float
+    scale: float
+
+    def log10_p(self, min_log10_nfa: torch.Tensor) -> torch.Tensor:
+        """log10 of the tail's probability of an image at least this significant, elementwise."""
+        return math.log10(self.mass) - (-min_log10_nfa - self.start) / (self.scale * _LN10)
+
+
+def fit_image_tail(significances: Sequence[float]) -> ImageTail | None:
+    """The exponential tail of the typical held-out images' significances above their median, if it can be fitted.
+
+    The exponential is the law of -log of a p-value under the null, so only
+    its scale and start are fitted: with 15 held-out images, a free shape
+    would be a guess. Fewer than ``MIN_IMAGE_EXCEEDANCES`` images above the
+    median (the rest at the NFA ceiling, say) give no tail.
+    """
+    values = np.asarray(significances, dtype=np.float64)
+    start = float(np.median(values)) if values.size else 0.0
+    excess = values[values > start] - start
+    if excess.size < MIN_IMAGE_EXCEEDANCES:
+        return None
+    return ImageTail(start, excess.size / values.size, max(float(excess.mean()), 1.0 / _LN10))
+
+
+@dataclass(frozen=True)
 class FalseAlarms:
     """What the test does on held-out normal images: the a-contrario promise, measured."""
 
@@ -157,6 +205,7 @@ class Calibration:
     n_images: int = 0  # held-out images fitted on; 0 for the theoretical N(0, I) model
     false_alarms: FalseAlarms | None = None
     version: int = CALIBRATION_VERSION
+    image_tail: ImageTail | None = None  # None: the image's smallest NFA is its verdict as it is
 
     def fit(self, scale: int, window: int) -> BackgroundFit:
         return self.fits[_key(scale, window)]
@@ -173,6 +222,7 @@ class Calibration:
             n_images=int(data.get("n_images", 0)),
             false_alarms=None if alarms is None else FalseAlarms(**{k: tuple(v) if isinstance(v, list) else v for k, v in alarms.items()}),
             version=int(data.get("version", 1)),
+            image_tail=None if data.get("image_tail") is None else ImageTail(**data["image_tail"]),
         )
 
 
@@ -312,8 +362,9 @@ def fit_background(test: ScanNFA, latent_batches: Iterable[Sequence[torch.Tensor
 
     The fit is made twice: the images that the correction tolerates as
     atypical (see :func:`correction`) are left out of the second one, so
-    one odd part does not give every test a tail so heavy it sees nothing.
-    The test's calibration is replaced.
+    one odd part does not give every test a tail so heavy it sees nothing;
+    they are left out of the image tail too. The test's calibration is
+    replaced.
     """
     batches = [list(b) for b in latent_batches]
     statistics = {key: torch.cat([values[key] for values in map(test.statistics, batches)]) for key in test.tests}
@@ -326,8 +377,11 @@ def fit_background(test: ScanNFA, latent_batches: Iterable[Sequence[torch.Tensor
         significance = torch.cat([m.min_log10_nfa.cpu() for m in maps])
         keep = torch.ones(n_images, dtype=torch.bool)
         keep[torch.argsort(significance)[: tolerated_images(n_images)]] = False
-    factor = correction(maps, CORRECTION_EPSILONS)
-    test.calibration = replace(test.calibration, log10_factor=factor, false_alarms=false_alarms(maps, log10_factor=factor))
+    test.calibration = replace(test.calibration, log10_factor=correction(maps, CORRECTION_EPSILONS))
+    significance = torch.cat([-test(b).min_log10_nfa.cpu() for b in batches])
+    typical = torch.sort(significance, descending=True).values[tolerated_images(n_images):]
+    test.calibration = replace(test.calibration, image_tail=fit_image_tail(typical.tolist()))
+    test.calibration = replace(test.calibration, false_alarms=false_alarms([test(b) for b in batches]))
     return test.calibration
 
 

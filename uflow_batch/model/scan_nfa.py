@@ -39,7 +39,9 @@ log10 NFA = log10 N + log10 P (+ a calibration correction, see
 :class:`~.calibration.Calibration`). The per-image verdict uses the smallest
 NFA over all tests, so the expected number of false detections per normal
 image is at most epsilon, and so is the probability of flagging a normal
-image.
+image; a calibrated model raises that smallest NFA to the probability that
+whole normal images reach it where that is higher (the image tail of
+:mod:`.calibration`).
 
 The tails are exact: the chi-square one is the regularized upper incomplete
 gamma Q(k/2, S/(2s)) in float64 on the model's device
@@ -205,6 +207,8 @@ class ScanNFA(nn.Module):
         offset = self.log10_offset()
         tests = {window: self.cross_scale(log10_p, window) for window in self.windows}
         smallest = torch.stack([p.flatten(1).amin(dim=1) for p in tests.values()]).amin(dim=0) + offset
+        if self.calibration.image_tail is not None:  # whole normal images spread wider than their cells tell
+            smallest = torch.maximum(smallest, self.calibration.image_tail.log10_p(smallest))
         min_log10_nfa = smallest.clamp_max(math.log10(NFA_CEILING))  # above the ceiling, tails were not computed
         return NFAMaps(log10_nfa=self._mask_map(statistics, tests, offset), min_log10_nfa=min_log10_nfa)
 
