@@ -300,11 +300,14 @@ def test_the_image_tail_never_makes_the_test_bolder_than_a_calibrated_one():
     test = ScanNFA(SHAPES, NFAConfig())
     spot = noise(2, seed=9)
     spot[0][1, :, 5, 5] = 9.0
-    plain = test(spot).min_log10_nfa
-    test.calibration = replace(test.calibration, image_tail=ImageTail(start=-1.0, mass=0.5, scale=3.0))
-    raised = test(spot).min_log10_nfa
-    assert plain[1] < -2.0 and raised[1] > plain[1], "an image the tail finds less surprising is less significant"
-    assert torch.equal(raised, torch.maximum(plain, test.calibration.image_tail.log10_p(plain)).clamp_max(2.0))
+    plain = test(spot)
+    tail = ImageTail(start=-1.0, mass=0.5, scale=3.0)
+    test.calibration = replace(test.calibration, image_tail=tail)
+    raised = test(spot)
+    assert plain.min_log10_nfa[1] < -2.0 and raised.min_log10_nfa[1] > plain.min_log10_nfa[1], \
+        "an image the tail finds less surprising is less significant"
+    for before, after in ((plain.min_log10_nfa, raised.min_log10_nfa), (plain.log10_nfa, raised.log10_nfa)):
+        assert torch.equal(after, torch.maximum(before, tail.log10_p(before)).clamp_max(2.0)), "the map follows its image"
 
 
 def test_calibration_fits_the_image_tail_without_the_tolerated_image_and_records_its_effect():

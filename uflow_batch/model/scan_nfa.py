@@ -207,10 +207,21 @@ class ScanNFA(nn.Module):
         offset = self.log10_offset()
         tests = {window: self.cross_scale(log10_p, window) for window in self.windows}
         smallest = torch.stack([p.flatten(1).amin(dim=1) for p in tests.values()]).amin(dim=0) + offset
-        if self.calibration.image_tail is not None:  # whole normal images spread wider than their cells tell
-            smallest = torch.maximum(smallest, self.calibration.image_tail.log10_p(smallest))
-        min_log10_nfa = smallest.clamp_max(math.log10(NFA_CEILING))  # above the ceiling, tails were not computed
-        return NFAMaps(log10_nfa=self._mask_map(statistics, tests, offset), min_log10_nfa=min_log10_nfa)
+        min_log10_nfa = self._through_image_tail(smallest)
+        return NFAMaps(log10_nfa=self._through_image_tail(self._mask_map(statistics, tests, offset)), min_log10_nfa=min_log10_nfa)
+
+    def _through_image_tail(self, log10_nfa: torch.Tensor) -> torch.Tensor:
+        """Raise NFAs to the image tail's probability where it is higher, then cap them at ``NFA_CEILING``.
+
+        Whole normal images spread wider than their cells tell (see
+        :mod:`.calibration`). The mask map goes through the same monotone
+        map as the image's smallest NFA, so a map region below epsilon
+        exists only where the image itself is significant at epsilon.
+        """
+        tail = self.calibration.image_tail
+        if tail is not None:
+            log10_nfa = torch.maximum(log10_nfa, tail.log10_p(log10_nfa))
+        return log10_nfa.clamp_max(math.log10(NFA_CEILING))  # above the ceiling, tails were not computed
 
     def _mask_map(self, statistics: dict, tests: dict[int, torch.Tensor], offset: float) -> torch.Tensor:
         """log10 NFA per cell of the finest grid, for cutting masks, at most ``NFA_CEILING``.
