@@ -57,7 +57,6 @@ for _name, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled
     os.environ.setdefault(_name, _value)
 
 import pyarrow as pa  # noqa: E402
-import pyarrow.dataset as ds  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
@@ -69,6 +68,7 @@ from uflow_batch.pipelines.cluster import ray_session  # noqa: E402
 from uflow_batch.pipelines.listing import ListingContext, iter_unit, plan_request_units, plan_units, read_unit  # noqa: E402
 from uflow_batch.pipelines.score import categories_in, resolve_models, run_scoring  # noqa: E402
 from uflow_batch.pipelines.stages import CategoryScorer, fetch_and_decode  # noqa: E402
+from uflow_batch.scores.dataset import open_dataset  # noqa: E402
 from uflow_batch.storage import ModelStore  # noqa: E402
 from uflow_batch.train import train_category  # noqa: E402
 
@@ -264,7 +264,7 @@ def score_in_process(request: ScoreRequest, device: str) -> int:
 
 
 def image_scores(output: str) -> dict[str, float]:
-    table = ds.dataset(output, format="parquet", partitioning="hive").to_table(columns=["image_uri", "image_score"])
+    table = open_dataset(output).to_table(columns=["image_uri", "image_score"])
     return dict(zip(table.column("image_uri").to_pylist(), table.column("image_score").to_pylist()))
 
 

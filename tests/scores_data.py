@@ -22,7 +22,7 @@ from PIL import Image
 
 from shared_data import require_mtd
 from uflow_batch.model.anomaly import find_regions
-from uflow_batch.pipelines.schema import FILE_SCHEMA, SCHEMA_VERSION
+from uflow_batch.scores.schema import FILE_SCHEMA, SCHEMA_VERSION
 
 MODEL_VERSION = "20261119T020000Z-a1b2c3"
 OLD_MODEL_VERSION = "20261101T020000Z-0ld000"

@@ -166,7 +166,7 @@ def test_runs_lists_the_run_log_with_a_run_still_running(tmp_path):
 def _empty_rows():
     import pyarrow as pa
 
-    from uflow_batch.pipelines.schema import ROUTED_SCHEMA
+    from uflow_batch.pipelines.blocks import ROUTED_SCHEMA
 
     row = {name: None for name in ROUTED_SCHEMA.names} | {
         "schema_version": 1, "image_uri": "old.png", "category": "fabric", "run_date": "2020-01-01", "pkey": "old",

@@ -15,11 +15,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 
 from uflow_batch.checkpoint import read_manifest
 from uflow_batch.devtools.synthetic import write_scoring_archive
+from uflow_batch.scores.dataset import open_dataset
 from uflow_batch.storage import ModelStore
 
 from conftest import TINY_SYNTHETIC
@@ -89,7 +89,7 @@ def test_score_streams_an_archive_through_the_cluster(cluster, model_store, tmp_
             "--run-date", "2026-11-22", "--address", address, "--batch-size", "4"]
     result = uflow(env, *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = ds.dataset(output, format="parquet", partitioning="hive").to_table(columns=["image_uri"]).column("image_uri").to_pylist()
+    rows = open_dataset(str(output)).to_table(columns=["image_uri"]).column("image_uri").to_pylist()
     assert Counter(rows) == Counter(f.url for f in archive.files)
     assert f"{len(archive.files)} rows" in result.stdout
     again = uflow(env, *args)

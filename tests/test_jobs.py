@@ -14,13 +14,12 @@ from uflow_batch import storage
 from uflow_batch.config import ConfigError, ScoringResources
 from uflow_batch.jobs import (
     JobSpec,
-    apply_retention,
-    expired_run_dates,
     job_spec_from_dict,
     load_job_spec,
     parse_job_spec,
     validate_cron,
 )
+from uflow_batch.scores.retention import apply_retention, expired_run_dates
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "jobs" / "nightly-example.yaml"

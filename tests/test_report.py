@@ -22,6 +22,7 @@ from PIL import Image
 
 from scores_data import ScoresDataset, build_scores_dataset, upload
 from uflow_batch import report
+from uflow_batch.scores.dataset import open_dataset
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
@@ -215,7 +216,7 @@ def test_a_card_with_neither_image_nor_mask_has_no_thumbnail(scores):
 # --- reading -------------------------------------------------------------------------------
 
 def test_summary_read_leaves_the_heavy_mask_column_behind(scores):
-    table = report.read_summary(report.open_scores(str(scores.root)))
+    table = report.read_summary(open_dataset(str(scores.root)))
     assert "mask_png" not in table.column_names and "regions" not in table.column_names
     assert table.num_rows == len(scores.rows)
 

@@ -17,7 +17,6 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 
 from uflow_batch import analysts, storage
@@ -25,6 +24,7 @@ from uflow_batch.config import ScoringResources
 from uflow_batch.devtools.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
 from uflow_batch.pipelines import runlog
 from uflow_batch.pipelines.score import ScoreRequest, run_scoring
+from uflow_batch.scores.dataset import open_dataset
 from uflow_batch.storage import ModelStore
 
 from conftest import TINY_SYNTHETIC
@@ -35,11 +35,9 @@ pytestmark = pytest.mark.slow
 
 
 def output_rows(output: str) -> list[dict]:
-    fs, path = storage.filesystem(output)
-    if not fs.exists(path):
+    if not storage.exists(output):
         return []
-    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    return dataset.to_table(columns=["image_uri", "model_version", "category", "run_date", "error"]).to_pylist()
+    return open_dataset(output).to_table(columns=["image_uri", "model_version", "category", "run_date", "error"]).to_pylist()
 
 
 def assert_exactly_once(output: str, expected_uris: set[str]) -> list[dict]:

@@ -14,10 +14,12 @@ from uflow_batch import data
 from uflow_batch.config import ConfigError, ScoreRequest
 from uflow_batch.devtools.synthetic import DECODE_ERROR, NO_MODEL, SCORED, write_scoring_archive
 from uflow_batch.pipelines import commit
+from uflow_batch.pipelines.blocks import DECODED_SCHEMA, LISTING_SCHEMA, ROUTED_SCHEMA
 from uflow_batch.pipelines.listing import UNCATEGORIZED, ListingContext, iter_unit, plan_units, read_unit, walk_sorted
-from uflow_batch.pipelines.schema import DECODED_SCHEMA, FILE_SCHEMA, LISTING_SCHEMA, ROUTED_SCHEMA
 from uflow_batch.pipelines.score import resolve_models
 from uflow_batch.pipelines.stages import CategoryScorer, fetch_and_decode
+from uflow_batch.scores import layout
+from uflow_batch.scores.schema import FILE_SCHEMA
 from uflow_batch.storage import ModelStore, TransientStorageError
 
 from conftest import TINY_SYNTHETIC
@@ -189,11 +191,11 @@ def test_the_onnx_runtime_gives_the_rows_torch_gives(model_store, archive):
 
 
 def test_part_names_depend_on_content_not_order():
-    a = commit.part_name("k", "run1", ["u1", "u2"], ["v1", "v1"])
-    assert a == commit.part_name("k", "run1", ["u2", "u1"], ["v1", "v1"])
-    assert a != commit.part_name("k", "run1", ["u1", "u2"], ["v1", "v2"])
-    assert a != commit.part_name("k", "run2", ["u1", "u2"], ["v1", "v1"])
-    assert a.startswith("part-k-run1-") and a.endswith(".parquet") and commit.run_of(a) == "run1"
+    a = layout.part_name("k", "run1", ["u1", "u2"], ["v1", "v1"])
+    assert a == layout.part_name("k", "run1", ["u2", "u1"], ["v1", "v1"])
+    assert a != layout.part_name("k", "run1", ["u1", "u2"], ["v1", "v2"])
+    assert a != layout.part_name("k", "run2", ["u1", "u2"], ["v1", "v1"])
+    assert a.startswith("part-k-run1-") and a.endswith(".parquet") and layout.run_of(a) == "run1"
 
 
 def result_table(uris, version="v1"):
@@ -207,7 +209,7 @@ def test_a_rewritten_part_replaces_itself_and_commits_its_rows(tmp_path):
     output = str(tmp_path / "out")
     first = commit.write_part(output, "fabric", RUN_DATE, "k", "run1", result_table(["a", "b"]))
     again = commit.write_part(output, "fabric", RUN_DATE, "k", "run1", result_table(["b", "a"]))
-    assert first == again and len(commit.unit_parts(output, RUN_DATE, "k", ["fabric"])) == 1
+    assert first == again and len(layout.unit_parts(output, RUN_DATE, "k", ["fabric"])) == 1
     commit.write_part(output, "fabric", RUN_DATE, "k", "run2", result_table(["c"], version="v2"))
     assert commit.committed(output, RUN_DATE, "k", ["fabric"]) == {("a", "v1"), ("b", "v1"), ("c", "v2")}
     assert commit.committed(output, RUN_DATE, "k", ["fabric"], exclude_run="run2") == {("a", "v1"), ("b", "v1")}

@@ -5,7 +5,7 @@ the common questions (defect rate per night, top anomalies, errors...). They
 read ``{current_rows}``, the current row of each image and night, defined
 once in ``queries/_current_rows.sql`` (a night may hold several rows of an
 image, e.g. an error and the score of its re-run; see
-:func:`uflow_batch.pipelines.schema.current_rows`), which names the dataset
+:func:`uflow_batch.scores.dataset.current_rows`), which names the dataset
 as ``{root}``, so the very same file runs on a local directory and on an
 ``s3://`` prefix: :func:`query_text` fills both in.
 

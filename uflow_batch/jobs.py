@@ -9,15 +9,15 @@ archive. Schedulers (a Kubernetes CronJob, plain cron) only decide *when*
 
 This module knows nothing of Ray or of scoring. It resolves a spec for one run
 date (:meth:`JobSpec.inputs_for`, :meth:`JobSpec.manifest_for`,
-:meth:`JobSpec.default_run_date`) and applies the output retention policy
-(:func:`expired_run_dates`, :func:`apply_retention`); the CLI hands the rest to
-the scoring pipeline.
+:meth:`JobSpec.default_run_date`) and applies its retention policy to its
+output after a run (:func:`apply_job_retention`; what a night's deletion means
+is the scores dataset's, :mod:`uflow_batch.scores.retention`); the CLI hands
+the rest to the scoring pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 import yaml
 
 from uflow_batch import storage
-from uflow_batch.pipelines.schema import PARTITION_COLUMNS, RUNS_DIR
 from uflow_batch.config import (
     ConfigError,
     ScoreRequest,
@@ -41,11 +40,9 @@ from uflow_batch.config import (
     to_dict,
     validate_run_date,
 )
-
-log = logging.getLogger(__name__)
+from uflow_batch.scores.retention import apply_retention, expired_run_dates
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
-CATEGORY_PARTITION, RUN_DATE_PARTITION = PARTITION_COLUMNS
 
 # The CronJob names each night's RayJob ``<name>-<YYYYMMDD>`` (9 more characters),
 # and KubeRay >= 1.4 rejects a RayJob whose name is over 47 characters or not a
@@ -304,67 +301,6 @@ def load_job_spec(path_or_url: str) -> JobSpec:
 
 
 # --- retention -------------------------------------------------------------------------------
-
-def expired_run_dates(existing: list[str], today: date, retention_days: int | None) -> list[str]:
-    """The run dates among ``existing`` that are more than ``retention_days`` days before ``today``.
-
-    A partition exactly ``retention_days`` old is kept. Values that are not
-    valid ``YYYY-MM-DD`` dates are never returned: retention deletes only what
-    it understands. ``retention_days=None`` keeps everything.
-    """
-    if retention_days is None:
-        return []
-    require(is_int(retention_days) and retention_days >= 1,
-             f"retention_days must be an integer >= 1 or None, got {retention_days!r}")
-    cutoff = today - timedelta(days=retention_days)
-    expired = set()
-    for value in existing:
-        try:
-            day = date.fromisoformat(validate_run_date(value))
-        except ConfigError:
-            log.warning("retention: ignoring partition run_date=%s (not a YYYY-MM-DD date)", value)
-            continue
-        if day < cutoff:
-            expired.add(value)
-    return sorted(expired)
-
-
-def _partition_values(entries: list[str], key: str) -> dict[str, str]:
-    """``{value: directory name}`` for hive directories named ``key=value``."""
-    prefix = f"{key}="
-    return {name[len(prefix):]: name for name in entries if name.startswith(prefix)}
-
-
-def apply_retention(output_url: str, today: date, retention_days: int | None, *, dry_run: bool = False) -> list[str]:
-    """Delete ``<output>/category=*/run_date=<expired>/`` partitions; return their URLs.
-
-    Call it only after a successful run, so a failing night never shrinks the
-    history. Only directories named ``category=...`` and ``run_date=<date>``
-    are touched, and the run log of those dates (``_runs/run_date=<expired>/``,
-    whose records describe the deleted rows); anything else under the output
-    (checkpoints, notes) stays. Partitions that hold no objects are skipped.
-    With ``dry_run`` nothing is deleted and the would-be deletions are returned.
-    """
-    if retention_days is None or not storage.exists(output_url):
-        return []
-    deleted: list[str] = []
-    top = storage.list_dirs(output_url)
-    parents = sorted(_partition_values(top, CATEGORY_PARTITION).values()) + ([RUNS_DIR] if RUNS_DIR in top else [])
-    for parent_url in (storage.join(output_url, name) for name in parents):
-        run_dirs = _partition_values(storage.list_dirs(parent_url), RUN_DATE_PARTITION)
-        for run_date in expired_run_dates(list(run_dirs), today, retention_days):
-            url = storage.join(parent_url, run_dirs[run_date])
-            # Some S3-compatible stores (SeaweedFS) keep listing a prefix as a
-            # folder after its last object is gone: such an empty partition has
-            # nothing to delete and is not reported again every night.
-            if not storage.find(url):
-                continue
-            if not dry_run:
-                storage.remove(url)
-            log.info("retention: %s %s", "would delete" if dry_run else "deleted", url)
-            deleted.append(url)
-    return deleted
-
 
 def apply_job_retention(job: JobSpec, run_date: str, today: date, *, dry_run: bool = False) -> str:
     """Retention after a successful run of ``run_date``; returns what was (or would be) done.

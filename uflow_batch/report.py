@@ -9,9 +9,9 @@ Its size must not grow with the dataset: distributions are summarised here
 page; only the top-N images get a thumbnail, and only their ``mask_png``
 values are ever read from storage (the mask column is by far the heaviest).
 
-The dataset is read with ``pyarrow.dataset`` through the filesystem that
-:func:`uflow_batch.storage.filesystem` hands out, so a local directory and an
-``s3://`` prefix behave the same.
+The dataset is opened with :func:`uflow_batch.scores.dataset.open_dataset`,
+so the report sees it exactly as every other reader does, on a local directory
+or an ``s3://`` prefix alike.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from plotly.basedatatypes import BaseTraceType
 from . import __version__, storage
 from .config import REPORT_TOP_N
 from .data import decode_image, decode_mask
-from .pipelines.schema import CURRENT_ROW_COLUMNS, ERROR_CODES, PARTITION_COLUMNS, RESULT_SCHEMA, current_rows
+from .scores.dataset import open_dataset, read_current
+from .scores.schema import ERROR_CODES
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +97,6 @@ class TopImage:
 
 # --- reading ---------------------------------------------------------------------------------
 
-def open_scores(scores_url: str) -> ds.Dataset:
-    """The scores dataset with hive partitions typed as in :data:`RESULT_SCHEMA`.
-
-    Partition values stay strings (``run_date`` is ``YYYY-MM-DD`` text), as the
-    schema module documents; an existing directory with no files is an empty
-    dataset, a URL that does not exist is an error (most likely a typo).
-    """
-    if not storage.exists(scores_url):
-        raise FileNotFoundError(f"scores dataset {storage.redact(scores_url)} does not exist")
-    fs, path = storage.filesystem(scores_url)
-    partitioning = ds.partitioning(
-        pa.schema([RESULT_SCHEMA.field(name) for name in PARTITION_COLUMNS]), flavor="hive"
-    )
-    return ds.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning, schema=RESULT_SCHEMA)
-
-
 def _partition_filter(categories: Iterable[str] | None, run_dates: Iterable[str | date] | None) -> ds.Expression | None:
     expression = None
     for column, values in (("category", categories), ("run_date", run_dates)):
@@ -129,19 +114,6 @@ def read_summary(
 ) -> pa.Table:
     """The light columns of the current row of each selected image and night, plus ``__filename`` to find its mask later."""
     return read_current(dataset, [*SUMMARY_COLUMNS, "__filename"], _partition_filter(categories, run_dates))
-
-
-def read_current(dataset: ds.Dataset, columns: Sequence[str], partition_filter: ds.Expression | None = None,
-                 use_threads: bool = True) -> pa.Table:
-    """``columns`` of the current row of each image and night (:func:`~uflow_batch.pipelines.schema.current_rows`).
-
-    A night may hold several rows of one image (an error, then the score of
-    its re-run); every count a reader shows takes one. ``partition_filter``
-    selects partitions before the choice, so it should name partition columns only.
-    """
-    wanted = list(dict.fromkeys([*columns, *CURRENT_ROW_COLUMNS]))
-    table = dataset.to_table(columns=wanted, filter=partition_filter, use_threads=use_threads)
-    return current_rows(table).select(list(columns))
 
 
 def read_masks(dataset: ds.Dataset, rows: Sequence[dict]) -> dict[tuple[str, str], bytes | None]:
@@ -471,7 +443,7 @@ def build_report(
     """
     categories = None if categories is None else list(categories)
     run_dates = None if run_dates is None else [str(d) for d in run_dates]
-    dataset = open_scores(scores_url)
+    dataset = open_dataset(scores_url)
     table = read_summary(dataset, categories, run_dates)
     scored = _scored(table)
     n_anomalous = int(pc.sum(scored.column("is_anomalous")).as_py() or 0) if scored.num_rows else 0

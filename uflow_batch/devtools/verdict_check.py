@@ -15,13 +15,13 @@ from collections import Counter
 from collections.abc import Sequence
 
 from .. import storage
-from ..report import open_scores, read_current
+from ..scores.dataset import open_dataset, read_current
 
 
 def verdict_counts(truth: dict[str, str], scores_url: str) -> dict[str, Counter]:
     """Per category: defective and good images, and how many of each were flagged."""
     # One thread: a small table, and no pyarrow worker left calling into fsspec when the process exits.
-    table = read_current(open_scores(scores_url), ["image_uri", "category", "is_anomalous", "error"], use_threads=False)
+    table = read_current(open_dataset(scores_url), ["image_uri", "category", "is_anomalous", "error"], use_threads=False)
     counts: dict[str, Counter] = {}
     for row in table.to_pylist():
         defect = truth.get(row["image_uri"])

@@ -12,7 +12,8 @@ lost for good. So the protocol is our own, and small:
 - Results are written as part files
   ``<output>/category=<c>/run_date=<d>/part-<pkey>-<run>-<digest>.parquet``,
   where ``run`` names the run that wrote it and ``digest`` hashes the rows'
-  ``(image_uri, model_version)``. Each part file is written whole or not at
+  ``(image_uri, model_version)`` (the names are the scores layout's,
+  :mod:`uflow_batch.scores.layout`). Each part file is written whole or not at
   all (one object PUT; a local temp file renamed). A retried write task
   recomputes the same name and overwrites, never adds.
 - An object counts as done for a model version when a part file of its unit
@@ -46,11 +47,10 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from .. import storage
-from .schema import FILE_SCHEMA, PARTITION_COLUMNS
+from ..scores.layout import part_name, partition_url, run_of, unit_parts
+from ..scores.schema import FILE_SCHEMA
 
 log = logging.getLogger(__name__)
-
-PART_PREFIX = "part-"
 
 
 def unit_key(location: str) -> str:
@@ -58,27 +58,8 @@ def unit_key(location: str) -> str:
     return hashlib.sha1(location.encode()).hexdigest()[:12]
 
 
-def partition_url(output: str, category: str, run_date: str) -> str:
-    category_key, run_date_key = PARTITION_COLUMNS
-    return storage.join(output, f"{category_key}={category}", f"{run_date_key}={run_date}")
-
-
 def new_run_id() -> str:
     return uuid.uuid4().hex[:10]
-
-
-def part_name(pkey: str, run_id: str, uris: Iterable[str], model_versions: Iterable[str | None]) -> str:
-    """Content-derived name: the same rows of the same run always land in the same file."""
-    digest = hashlib.sha1()
-    for uri, version in sorted(zip(uris, model_versions), key=lambda pair: pair[0]):
-        digest.update(f"{uri}\0{version or ''}\n".encode())
-    return f"{PART_PREFIX}{pkey}-{run_id}-{digest.hexdigest()[:20]}.parquet"
-
-
-def run_of(part_url: str) -> str:
-    """The run id in a part file's name (``part-<pkey>-<run>-<digest>.parquet``)."""
-    stem = part_url.rsplit("/", 1)[-1].removeprefix(PART_PREFIX).removesuffix(".parquet")
-    return stem.split("-", 1)[1].rsplit("-", 1)[0]
 
 
 def serialize_part(table: pa.Table) -> bytes:
@@ -99,21 +80,6 @@ def write_part(output: str, category: str, run_date: str, pkey: str, run_id: str
     with storage.transient(f"write {url}"):  # storage failed: let Ray retry the task
         storage.write_bytes_atomic(url, data)
     return url
-
-
-def unit_parts(output: str, run_date: str, pkey: str, categories: Iterable[str] | None) -> list[str]:
-    """Part files a unit has committed for this run date.
-
-    ``categories`` narrows the search to known partitions (a path unit has
-    one category); None searches every category partition (a manifest unit).
-    """
-    if categories is None:
-        return storage.glob(storage.join(partition_url(output, "*", run_date), f"{PART_PREFIX}{pkey}-*.parquet"))
-    found = []
-    for category in categories:
-        entries = storage.list_entries(partition_url(output, category, run_date), missing_ok=True)
-        found += [e.url for e in entries if e.name.startswith(f"{PART_PREFIX}{pkey}-")]
-    return sorted(found)
 
 
 def committed(output: str, run_date: str, pkey: str, categories: Iterable[str] | None,

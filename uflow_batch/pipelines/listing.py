@@ -37,8 +37,8 @@ from ray.data.datasource import Datasource, ReadTask
 from .. import storage
 from ..config import ConfigError, ScoreRequest, check_category_pattern, is_category_name, require
 from ..data import is_image_name
+from .blocks import LISTING_SCHEMA
 from .commit import committed, unit_key
-from .schema import LISTING_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from ..model.anomaly import ImageResult
+from ..scores.schema import ERROR_CODES, SCHEMA_VERSION
 from ..storage import redact
-from .schema import ERROR_CODES, SCHEMA_VERSION
 
 MAX_ERROR_MESSAGE = 500
 

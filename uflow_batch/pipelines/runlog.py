@@ -31,8 +31,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import storage
-from . import commit
-from .schema import PARTITION_COLUMNS, RUNS_DIR
+from ..scores.layout import PART_PREFIX, PARTITION_COLUMNS, RUNS_DIR, partition_url, run_part_glob
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def record_url(output: str, run_date: str, run_id: str, started_at: datetime) ->
 
 
 def marker_url(output: str, category: str, run_date: str) -> str:
-    return storage.join(commit.partition_url(output, category, run_date), MARKER_NAME)
+    return storage.join(partition_url(output, category, run_date), MARKER_NAME)
 
 
 def read_json(url: str) -> dict[str, Any]:
@@ -102,8 +101,8 @@ class RunLog:
             "started_at": started_at.astimezone(timezone.utc).isoformat(timespec="seconds"),
             "inputs": list(inputs), "manifest": manifest, "models": storage.redact(models),
             "max_error_fraction": max_error_fraction,
-            # The run's part files, by name: part-<unit>-<run id>-<digest>.parquet (commit.part_name).
-            "part_glob": f"category=*/run_date={run_date}/{commit.PART_PREFIX}*-{run_id}-*.parquet",
+            # The run's part files, by name: part-<unit>-<run id>-<digest>.parquet (layout.part_name).
+            "part_glob": run_part_glob(run_date, run_id),
         }
 
     def start(self) -> None:
@@ -146,9 +145,9 @@ def write_markers(output: str, run_date: str, run_id: str, by_category: Mapping[
     for category in sorted(set(by_category) | set(in_scope)):
         counts = by_category.get(category) or {}
         if not counts:
-            entries = storage.list_entries(commit.partition_url(output, category, run_date), missing_ok=True)
+            entries = storage.list_entries(partition_url(output, category, run_date), missing_ok=True)
             names = {e.name for e in entries}
-            if MARKER_NAME in names or not any(n.startswith(commit.PART_PREFIX) for n in names):
+            if MARKER_NAME in names or not any(n.startswith(PART_PREFIX) for n in names):
                 continue
         rows, errors = error_counts({category: counts})
         marker = {

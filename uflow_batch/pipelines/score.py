@@ -37,10 +37,10 @@ from ..config import ConfigError, ScoreRequest
 from ..manifest import ModelFormatError, ModelManifest
 from ..storage import TransientStorageError
 from . import commit, runlog
+from .blocks import LISTING_SCHEMA
 from .cluster import check_fits, gpus_per_worker
 from .commit import PartSink
 from .listing import LateArrivals, ListingContext, ListingDatasource, iter_unit, plan_request_units
-from .schema import LISTING_SCHEMA
 from .stages import CategoryScorer, fetch_and_decode
 
 log = logging.getLogger(__name__)

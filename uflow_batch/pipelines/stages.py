@@ -27,7 +27,7 @@ from ..manifest import ModelFormatError
 from ..model import UFlowDetector, resolve_device
 from ..model.backbones import BackboneWeightsError
 from . import rows
-from .schema import DECODED_SCHEMA, ROUTED_SCHEMA
+from .blocks import DECODED_SCHEMA, ROUTED_SCHEMA
 
 log = logging.getLogger(__name__)
 
