@@ -377,9 +377,12 @@ def fit_background(test: ScanNFA, latent_batches: Iterable[Sequence[torch.Tensor
         significance = torch.cat([m.min_log10_nfa.cpu() for m in maps])
         keep = torch.ones(n_images, dtype=torch.bool)
         keep[torch.argsort(significance)[: tolerated_images(n_images)]] = False
-    test.calibration = replace(test.calibration, log10_factor=correction(maps, CORRECTION_EPSILONS))
-    significance = torch.cat([-test(b).min_log10_nfa.cpu() for b in batches])
-    typical = torch.sort(significance, descending=True).values[tolerated_images(n_images):]
+    from .scan_nfa import NFA_CEILING  # the test's module imports this one
+
+    factor = correction(maps, CORRECTION_EPSILONS)
+    test.calibration = replace(test.calibration, log10_factor=factor)
+    corrected = -(significance + factor).clamp_max(math.log10(NFA_CEILING))  # what the corrected test gives, without a pass
+    typical = torch.sort(corrected, descending=True).values[tolerated_images(n_images):]
     test.calibration = replace(test.calibration, image_tail=fit_image_tail(typical.tolist()))
     test.calibration = replace(test.calibration, false_alarms=false_alarms([test(b) for b in batches]))
     return test.calibration
